@@ -1,0 +1,137 @@
+"""The asyncio front: `generate()` is an async iterator of outputs, the step loop runs on its own
+thread so the event loop stays free to answer (health checks, other clients).
+
+Requests cross threads through an inbox; outputs come back through each request's asyncio queue.
+If the loop dies, every open stream gets `EngineDeadError` and later calls fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.llm_engine import LLMEngine, Request
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop has stopped; no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are pending than the engine admits."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, max_pending_requests: int = 1024):
+        self.engine = engine
+        self.max_pending_requests = max_pending_requests
+        self.error: BaseException | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._inbox: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._streams)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield an output per step that advanced the request; the last has `finished`.
+
+        Raises RequestError (bad request), QueueFullError or EngineDeadError before the first
+        output; EngineDeadError mid-stream. Leaving the iteration early aborts the request.
+        """
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.error!r}")
+        if len(self._streams) >= self.max_pending_requests:
+            raise QueueFullError(f"{len(self._streams)} requests pending")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.engine.prepare_request(request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._post("add", request)
+        is_finished = False
+        try:
+            while not is_finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                is_finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not is_finished:
+                self._post("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    def _post(self, command: str, payload: object) -> None:
+        with self._lock:
+            self._inbox.append((command, payload))
+        self._wakeup.set()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            self._wakeup.clear()
+        for command, payload in inbox:
+            if command == "add":
+                assert isinstance(payload, Request)
+                if payload.request_id in self._streams:  # not abandoned while queued
+                    self.engine.add_prepared(payload)
+            else:
+                self.engine.abort(str(payload))
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(timeout=0.5)
+                    continue
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as e:  # noqa: BLE001 - any failure kills the loop; report it
+            logger.exception("engine loop died")
+            self.error = e
+            dead = EngineDeadError(f"the engine stopped: {e!r}")
+            for request_id in list(self._streams):
+                self._deliver(request_id, dead)
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed
+            self._streams.pop(request_id, None)

@@ -1,0 +1,1 @@
+"""Attention kernels: Triton for the GPU, plain-torch references for the CPU and the tests."""

@@ -1,0 +1,102 @@
+"""Plain-torch references of the attention kernels: the CPU path, and the truth the Triton kernels
+are tested against.
+
+Shapes: a KV cache is `[num_blocks, block_size, num_kv_heads, head_dim]`; a block table is
+`[num_seqs, max_blocks]` of block ids padded with -1; slot -1 is padding and is never written.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_reference(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens], -1 = padding
+) -> None:
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    is_valid = slot_mapping >= 0
+    slots = slot_mapping[is_valid].long()
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key[is_valid])
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value[is_valid])
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[..., max_blocks] block ids -> [..., max_blocks * block_size, num_kv_heads, head_dim]."""
+    blocks = cache[block_table.clamp(min=0).long()]  # [..., max_blocks, bs, kvh, d]
+    return blocks.flatten(-4, -3)
+
+
+def paged_decode_attention_reference(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim], one token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks]
+    context_lens: torch.Tensor,  # [num_seqs], tokens in the cache, the query's own included
+    scale: float,
+) -> torch.Tensor:
+    keys = gather_context(k_cache, block_tables).transpose(1, 2)  # [seqs, kvh, ctx, d]
+    values = gather_context(v_cache, block_tables).transpose(1, 2)
+    positions = torch.arange(keys.shape[2], device=query.device)
+    is_visible = positions[None, :] < context_lens[:, None].to(query.device)  # [seqs, ctx]
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2),  # [seqs, heads, 1, d]
+        keys.to(query.dtype),
+        values.to(query.dtype),
+        attn_mask=is_visible[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def paged_prefill_attention_reference(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], chunks of several sequences
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,  # [num_seqs + 1]
+    context_lens: torch.Tensor,  # [num_seqs], cached prefix plus the new chunk
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks]
+    scale: float,
+) -> torch.Tensor:
+    """Each chunk attends causally to its cached prefix and to itself (already in the cache)."""
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(query)
+    bounds = cu_seqlens_q.tolist()
+    for i, context_len in enumerate(context_lens.tolist()):
+        start, end = bounds[i], bounds[i + 1]
+        num_blocks = -(-context_len // block_size)
+        table = block_tables[i, :num_blocks]
+        keys = gather_context(k_cache, table)[:context_len].transpose(0, 1)  # [kvh, ctx, d]
+        values = gather_context(v_cache, table)[:context_len].transpose(0, 1)
+        out[start:end] = _causal_attention(query[start:end], keys, values, scale)
+    return out
+
+
+def _causal_attention(
+    query: torch.Tensor,  # [q_len, heads, d]: the last q_len positions of the context
+    keys: torch.Tensor,  # [kvh, ctx, d]
+    values: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    q_len, context_len = query.shape[0], keys.shape[1]
+    if q_len == context_len:
+        mask, is_causal = None, True
+    else:
+        q_pos = torch.arange(q_len, device=query.device)[:, None] + (context_len - q_len)
+        mask = torch.arange(context_len, device=query.device)[None, :] <= q_pos
+        is_causal = False
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1),  # [heads, q_len, d]
+        keys.to(query.dtype),
+        values.to(query.dtype),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

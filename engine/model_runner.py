@@ -1,0 +1,122 @@
+"""Runs one scheduled step on the device: flat token batch in, logits of the sampling rows out.
+
+It owns the model, the paged KV cache (one preallocated tensor), the rotary table and the
+attention backend. Tokens are laid out decodes first, then prefill chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from engine.block_manager import cdiv
+from engine.config import CacheConfig, ModelConfig
+from engine.layers.attention import AttentionBackend, AttentionMetadata
+from engine.layers.rotary import RotaryEmbedding
+from engine.models import ForwardContext
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    return per_token * block_size * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
+        max_model_len: int, device: torch.device, dtype: torch.dtype, backend: AttentionBackend,
+    ):
+        self.model, self.config, self.device, self.backend = model, model_config, device, backend
+        self.block_size = cache_config.block_size
+        c = model_config
+        self.kv_cache = torch.zeros(  # [layers, k|v, blocks, block_size, kv_heads, head_dim]
+            c.num_layers, 2, cache_config.num_blocks, self.block_size, c.num_kv_heads,
+            c.head_dim, dtype=dtype, device=device,
+        )
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.rotary = RotaryEmbedding(model_config, max_model_len, device)
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %.1f MiB",
+            cache_config.num_blocks, self.block_size,
+            self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run the step; return fp32 logits [num_sampling, vocab] and the sequences they belong to.
+
+        A sequence samples when this step computes its last token.
+        """
+        input_ids, positions, meta, sample_indices, sample_seqs = self._prepare(batch)
+        cos, sin = self.rotary.lookup(positions)
+        ctx = ForwardContext(cos, sin, meta, self.kv_caches, self.backend)
+        hidden = self.model(input_ids, ctx)
+        if not sample_seqs:
+            return hidden.new_empty(0, self.config.vocab_size, dtype=torch.float32), []
+        logits = self.model.compute_logits(hidden[sample_indices])
+        return logits.float(), sample_seqs
+
+    def _prepare(self, batch: ScheduledBatch):
+        pairs = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
+        decodes = [(s, n) for s, n in pairs if n == 1]
+        prefills = [(s, n) for s, n in pairs if n > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_indices: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for seq, num_new in decodes + prefills:
+            start = seq.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table, bs = seq.block_table, self.block_size
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if end == seq.num_tokens:
+                sample_indices.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        q_lens = [n for _, n in prefills]
+        context_lens = [s.num_computed_tokens + n for s, n in prefills]
+        cu_seqlens = [0]
+        for n in q_lens:
+            cu_seqlens.append(cu_seqlens[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=self._block_tables([s for s, _ in decodes], [
+                s.num_computed_tokens + 1 for s, _ in decodes
+            ]),
+            decode_context_lens=self._tensor(
+                [s.num_computed_tokens + 1 for s, _ in decodes], torch.int32
+            ),
+            prefill_cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
+            prefill_context_lens=self._tensor(context_lens, torch.int32),
+            prefill_block_tables=self._block_tables([s for s, _ in prefills], context_lens),
+            max_prefill_q_len=max(q_lens, default=0),
+            max_prefill_context_len=max(context_lens, default=0),
+        )
+        return (
+            self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
+            self._tensor(sample_indices, torch.int64), sample_seqs,
+        )
+
+    def _block_tables(self, seqs: list[Sequence], context_lens: list[int]) -> torch.Tensor:
+        """[num_seqs, max_blocks] of the blocks covering each context, padded with -1."""
+        num_blocks = [cdiv(n, self.block_size) for n in context_lens]
+        width = max(num_blocks, default=0)
+        rows = [
+            s.block_table[:n] + [-1] * (width - n)
+            for s, n in zip(seqs, num_blocks, strict=True)
+        ]
+        if not rows:
+            return torch.empty(0, 0, dtype=torch.int32, device=self.device)
+        return self._tensor(rows, torch.int32)
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)

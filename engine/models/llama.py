@@ -1,0 +1,121 @@
+"""Llama-family decoders (Llama 2/3, Mistral, Qwen2) for the paged engine.
+
+q, k and v are one fused projection, gate and up another: fewer, larger matmuls. The loader maps
+Hugging Face's separate weights into their slices (`packed_slice`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers.attention import AttentionBackend, AttentionMetadata, paged_attention
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import apply_rotary
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs for one step, built once per step by the model runner."""
+
+    cos: torch.Tensor  # [num_tokens, 1, head_dim / 2]
+    sin: torch.Tensor
+    attn: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
+    backend: AttentionBackend
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        out = paged_attention(ctx.backend, q, k, v, k_cache, v_cache, ctx.attn, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))  # [num_tokens, hidden]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def packed_slice(self, name: str) -> tuple[str, int, int]:
+        """Map a Hugging Face weight name to (our parameter, first row, number of rows).
+
+        The number of rows is -1 for a whole parameter.
+        """
+        name = name.removeprefix("model.")
+        c = self.config
+        q_rows, kv_rows = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        packed = {
+            "q_proj": ("qkv_proj", 0, q_rows),
+            "k_proj": ("qkv_proj", q_rows, kv_rows),
+            "v_proj": ("qkv_proj", q_rows + kv_rows, kv_rows),
+            "gate_proj": ("gate_up_proj", 0, c.intermediate_size),
+            "up_proj": ("gate_up_proj", c.intermediate_size, c.intermediate_size),
+        }
+        for part, (fused, start, rows) in packed.items():
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), start, rows
+        return name, 0, -1

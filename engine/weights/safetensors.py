@@ -1,0 +1,74 @@
+"""A local Hugging Face folder: config.json, tokenizer files, *.safetensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.weights.source import (
+    LoadProgress,
+    WeightsError,
+    WeightSource,
+    copy_tensors,
+    empty_model,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_folder_tokenizer(folder: Path) -> Any | None:
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise WeightsError(f"{path.parent}: no {path.name}") from e
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+
+
+class SafetensorsSource(WeightSource):
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.uri = str(self.folder)
+        self.files = sorted(self.folder.glob("*.safetensors"))
+        if not self.files:
+            raise WeightsError(f"{self.uri}: no *.safetensors files")
+
+    def hf_config(self) -> dict[str, Any]:
+        return read_json(self.folder / "config.json")
+
+    def generation_config(self) -> dict[str, Any]:
+        path = self.folder / "generation_config.json"
+        return read_json(path) if path.exists() else {}
+
+    def load_tokenizer(self) -> Any | None:
+        return load_folder_tokenizer(self.folder)
+
+    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for path in self.files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    yield name, f.get_tensor(name)
+
+    def load_model(
+        self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,
+        progress: LoadProgress,
+    ) -> nn.Module:
+        progress.start(sum(p.stat().st_size for p in self.files))
+        model = empty_model(model_cls, config, device, dtype)
+        copy_tensors(model, self._tensors(), self.uri, progress)
+        progress.finish()
+        return model
