@@ -45,12 +45,10 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None):
         """Apply the model's chat template, then generate."""
-        prompt_ids = self.get_tokenizer().apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(prompt_ids, dict):
-            prompt_ids = prompt_ids["input_ids"]
-        return self.generate([list(prompt_ids)], sampling_params)[0]
+        tokenizer = self.get_tokenizer()
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        return self.generate([prompt_ids], sampling_params)[0]
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:

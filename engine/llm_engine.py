@@ -178,7 +178,7 @@ class LLMEngine:
         if num_prompt == 0:
             raise RequestError("the prompt is empty")
         vocab_size = self.model_config.vocab_size
-        if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab_size})")
         if num_prompt + params.max_tokens > self.max_model_len:
             raise RequestError(

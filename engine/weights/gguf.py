@@ -97,7 +97,7 @@ class GGUFSource(WeightSource):
                 weight = unpermute_rows(weight, num_heads)
             elif permute and name.endswith("k_proj.weight"):
                 weight = unpermute_rows(weight, num_kv_heads)
-            yield name, torch.from_numpy(np.ascontiguousarray(weight))
+            yield name, torch.from_numpy(np.require(weight, requirements=['C', 'W']))
 
     def load_model(
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,

@@ -1,0 +1,23 @@
+"""Shared fixtures. Triton's interpreter must be chosen before the first `@triton.jit` runs."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import TINY_MODEL_KINDS, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
+    """A Hugging Face folder (safetensors, config, tokenizer) per tiny random architecture."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: make_tiny_model(kind, root / kind) for kind in TINY_MODEL_KINDS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs) -> str:
+    return tiny_model_dirs["llama"]
