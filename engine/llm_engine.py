@@ -65,7 +65,7 @@ class LLMEngine:
         self.config = config
         self.progress = progress or LoadProgress()
         self.device = torch.device(config.resolved_device)
-        source = open_source(config.model, config.s3_endpoint)
+        source = open_source(config.model, config.s3_endpoint, config.verify_weights)
         self.model_config = ModelConfig.from_hf(source.hf_config())
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()

@@ -21,3 +21,21 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_model_dirs) -> str:
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    from tests.s3_server import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint):
+    """A boto3 client of the loopback server, with the bucket "models" made."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="models")
+    return client

@@ -22,7 +22,9 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
 
 
-def open_source(model: str, s3_endpoint: str | None = None) -> WeightSource:
+def open_source(
+    model: str, s3_endpoint: str | None = None, verify_hash: bool = False
+) -> WeightSource:
     from engine.weights.gguf import GGUFSource
     from engine.weights.safetensors import SafetensorsSource
 
@@ -31,7 +33,7 @@ def open_source(model: str, s3_endpoint: str | None = None) -> WeightSource:
     if model.startswith("s3://"):
         from engine.weights.tensorizer import TensorizerSource
 
-        return TensorizerSource(model, s3_endpoint=s3_endpoint)
+        return TensorizerSource(model, s3_endpoint=s3_endpoint, verify_hash=verify_hash)
     path = Path(model)
     if path.suffix == ".gguf":
         return GGUFSource(path)
@@ -40,7 +42,7 @@ def open_source(model: str, s3_endpoint: str | None = None) -> WeightSource:
     if (path / "model.tensors").exists():
         from engine.weights.tensorizer import TensorizerSource
 
-        return TensorizerSource(str(path), s3_endpoint=s3_endpoint)
+        return TensorizerSource(str(path), s3_endpoint=s3_endpoint, verify_hash=verify_hash)
     if any(path.glob("*.safetensors")):
         return SafetensorsSource(path)
     ggufs = sorted(path.glob("*.gguf"))

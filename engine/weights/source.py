@@ -44,6 +44,10 @@ class LoadProgress:
         with self._lock:
             self.loaded_bytes += num_bytes
 
+    def set_loaded(self, num_bytes: int) -> None:
+        with self._lock:
+            self.loaded_bytes = num_bytes
+
     def finish(self) -> None:
         with self._lock:
             self.loaded_bytes = max(self.loaded_bytes, self.total_bytes)

@@ -1,0 +1,70 @@
+"""Load the engine off the caller's thread, so a server answers while the weights arrive.
+
+The state is observable at any moment: idle, loading (with bytes, total and throughput), ready,
+or failed (with the exception kept for the health check to report).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.weights import LoadProgress
+
+logger = logging.getLogger(__name__)
+
+
+class LoadState(enum.StrEnum):
+    IDLE = "idle"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class BackgroundLoader:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.progress = LoadProgress()
+        self.state = LoadState.IDLE
+        self.error: BaseException | None = None
+        self.engine: LLMEngine | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        """Begin loading (once; later calls do nothing)."""
+        with self._lock:
+            if self.state is not LoadState.IDLE:
+                return
+            self.state = LoadState.LOADING
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once loading ended, ready or failed."""
+        return self._done.wait(timeout)
+
+    def _load(self) -> None:
+        try:
+            self.engine = LLMEngine(self.config, self.progress)
+            self.state = LoadState.READY
+            snapshot = self.progress.snapshot()
+            logger.info(
+                "model ready: %s, %.1f MB in %.2f s (%.2f GB/s)", self.config.model or "default",
+                snapshot["total_bytes"] / 1e6, snapshot["elapsed_s"], snapshot["throughput_gbps"],
+            )
+        except BaseException as e:  # noqa: BLE001 - kept and reported by the health check
+            self.error = e
+            self.state = LoadState.FAILED
+            logger.error("model load failed: %s", e)
+        finally:
+            self._done.set()
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"status": str(self.state), **self.progress.snapshot()}
+        if self.error is not None:
+            status["reason"] = f"{type(self.error).__name__}: {self.error}"
+        return status

@@ -1,0 +1,112 @@
+"""Tensorizer artifacts on a real S3 server on loopback: round trips that keep the greedy tokens,
+and one clear error per fault, in bounded time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.weights import ConfigMismatchError, WeightsError
+from engine.weights.s3 import S3AccessDeniedError, S3NotFoundError, S3UnreachableError
+from engine.weights.tensorize import tensorize
+from engine.weights.tensorizer import CorruptWeightsError
+from tests.s3_server import set_auth_enforced
+from tests.tiny_models import hf_greedy, random_prompts
+
+PROMPTS = random_prompts(8, 1, 60, seed=21)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_on_s3(tiny_llama_dir, s3, s3_endpoint) -> str:
+    manifest = tensorize(tiny_llama_dir, "s3://models/tiny-llama", "float32", s3_endpoint)
+    assert manifest["weights_bytes"] > 0 and len(manifest["weights_sha256"]) == 64
+    return "s3://models/tiny-llama"
+
+
+def _expected(folder):
+    return [hf_greedy(folder, p, 10) for p in PROMPTS]
+
+
+def test_s3_round_trip_keeps_greedy_tokens(tiny_llama_dir, tiny_on_s3, s3_endpoint):
+    llm = LLM(tiny_on_s3, s3_endpoint=s3_endpoint)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == _expected(tiny_llama_dir)
+    assert llm.engine.progress.loaded_bytes == llm.engine.progress.total_bytes > 0
+
+
+def test_local_tensorized_folder_keeps_greedy_tokens(tiny_llama_dir, tmp_path):
+    tensorize(tiny_llama_dir, str(tmp_path / "art"), "float32")
+    assert {"model.tensors", "config.json", "manifest.json"} <= {
+        p.name for p in (tmp_path / "art").iterdir()
+    }
+    llm = LLM(str(tmp_path / "art"))
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == _expected(tiny_llama_dir)
+
+
+def _copy_prefix(s3, src: str, dest: str, **overrides: bytes) -> str:
+    for obj in s3.list_objects_v2(Bucket="models", Prefix=src + "/")["Contents"]:
+        name = obj["Key"].split("/")[-1]
+        body = s3.get_object(Bucket="models", Key=obj["Key"])["Body"].read()
+        s3.put_object(Bucket="models", Key=f"{dest}/{name}", Body=overrides.get(name, body))
+    return f"s3://models/{dest}"
+
+
+def _load_error(uri: str, endpoint: str, **options) -> Exception:
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as info:
+        LLM(uri, s3_endpoint=endpoint, **options)
+    assert time.monotonic() - start < 30
+    return info.value
+
+
+def test_missing_bucket(s3, s3_endpoint):
+    error = _load_error("s3://no-such-bucket/model", s3_endpoint)
+    assert isinstance(error, S3NotFoundError) and "no-such-bucket" in str(error)
+
+
+def test_missing_key(s3, s3_endpoint):
+    error = _load_error("s3://models/not-there", s3_endpoint)
+    assert isinstance(error, S3NotFoundError) and "s3://models/not-there" in str(error)
+
+
+def test_unreachable_endpoint():
+    error = _load_error("s3://models/tiny-llama", "http://127.0.0.1:9")
+    assert isinstance(error, S3UnreachableError) and "unreachable" in str(error)
+
+
+def test_access_denied(tiny_on_s3, s3_endpoint):
+    set_auth_enforced(s3_endpoint, True)
+    try:
+        error = _load_error(tiny_on_s3, s3_endpoint)
+    finally:
+        set_auth_enforced(s3_endpoint, False)
+    assert isinstance(error, S3AccessDeniedError) and "access denied" in str(error)
+
+
+def test_truncated_weights(tiny_on_s3, s3, s3_endpoint):
+    body = s3.get_object(Bucket="models", Key="tiny-llama/model.tensors")["Body"].read()
+    uri = _copy_prefix(s3, "tiny-llama", "copy-1", **{"model.tensors": body[: len(body) // 2]})
+    error = _load_error(uri, s3_endpoint)
+    assert isinstance(error, CorruptWeightsError) and "truncated" in str(error)
+
+
+def test_corrupted_weights_fail_hash_check(tiny_on_s3, s3, s3_endpoint):
+    body = bytearray(s3.get_object(Bucket="models", Key="tiny-llama/model.tensors")["Body"].read())
+    for i in range(len(body) - 4096, len(body) - 4000):
+        body[i] ^= 0xFF  # inside the last tensor's data
+    uri = _copy_prefix(s3, "tiny-llama", "copy-2", **{"model.tensors": bytes(body)})
+    error = _load_error(uri, s3_endpoint, verify_weights=True)
+    assert isinstance(error, CorruptWeightsError) and "hash" in str(error).lower()
+    assert "copy-2/model.tensors" in str(error)
+
+
+def test_config_that_does_not_match_the_weights(tiny_on_s3, s3, s3_endpoint):
+    config = json.loads(s3.get_object(Bucket="models", Key="tiny-llama/config.json")["Body"].read())
+    config["intermediate_size"] *= 2
+    uri = _copy_prefix(s3, "tiny-llama", "copy-3", **{"config.json": json.dumps(config).encode()})
+    error = _load_error(uri, s3_endpoint)
+    assert isinstance(error, ConfigMismatchError) and "intermediate" not in str(error)
+    assert "gate_up_proj" in str(error)
