@@ -34,6 +34,37 @@ class _Stream:
     queue: asyncio.Queue
 
 
+class RequestStream:
+    """The outputs of one request, in order; the last one has `finished`."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str):
+        self.llm, self.request_id = llm, request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.is_finished = False
+        self.is_closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.is_closed:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.abort()
+            raise item
+        if item.finished:
+            self.is_finished = True
+            self.abort()
+        return item
+
+    def abort(self) -> None:
+        """Stop the request if it still runs (its KV blocks are freed); idempotent."""
+        if not self.is_closed:
+            self.is_closed = True
+            self.llm._close_stream(self.request_id, self.is_finished)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_pending_requests: int = 1024):
         self.engine = engine
@@ -55,13 +86,12 @@ class AsyncLLM:
     def num_pending(self) -> int:
         return len(self._streams)
 
-    async def generate(
+    async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield an output per step that advanced the request; the last has `finished`.
+    ) -> RequestStream:
+        """Validate and queue a request; iterate the returned stream for its outputs.
 
-        Raises RequestError (bad request), QueueFullError or EngineDeadError before the first
-        output; EngineDeadError mid-stream. Leaving the iteration early aborts the request.
+        Raises RequestError (bad request), QueueFullError or EngineDeadError at once.
         """
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
@@ -69,22 +99,30 @@ class AsyncLLM:
             raise QueueFullError(f"{len(self._streams)} requests pending")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.engine.prepare_request(request_id, prompt, params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
+        # Tokenizing a long prompt takes a while: keep it off the event loop.
+        request = await asyncio.to_thread(
+            self.engine.prepare_request, request_id, prompt, params
+        )
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = _Stream(asyncio.get_running_loop(), stream.queue)
         self._post("add", request)
-        is_finished = False
+        return stream
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield an output per step that advanced the request; the last has `finished`.
+        Leaving the iteration early aborts the request."""
+        stream = await self.add_request(prompt, params, request_id)
         try:
-            while not is_finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                is_finished = item.finished
-                yield item
+            async for output in stream:
+                yield output
         finally:
-            self._streams.pop(request_id, None)
-            if not is_finished:
-                self._post("abort", request_id)
+            stream.abort()
+
+    def _close_stream(self, request_id: str, is_finished: bool) -> None:
+        if self._streams.pop(request_id, None) is not None and not is_finished:
+            self._post("abort", request_id)
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)

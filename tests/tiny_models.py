@@ -45,12 +45,40 @@ def tiny_config(kind: str):
     raise ValueError(kind)
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "SageMaker endpoints serve large language models behind an HTTP contract.",
+    "Hello world! Streaming tokens, one at a time, to every client that asks.",
+    "café naïve 東京 🙂 — unicode text for the byte-level tokenizer",
+] * 20
+
+
+@cache
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with 384 ids (the tiny models' vocabulary) and a chat template."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def make_tiny_model(kind: str, folder: Path) -> str:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
     return str(folder)
 
 

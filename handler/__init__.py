@@ -1,0 +1,1 @@
+"""The SageMaker-style HTTP front of the engine."""

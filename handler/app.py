@@ -1,0 +1,62 @@
+"""The Starlette application: routes, error handling, and the model load at startup."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine import EngineConfig
+from handler import routes
+from handler.protocol import ApiError
+from handler.settings import ServerSettings
+from handler.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlette:
+    state = ServerState(settings, engine_config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.start()
+        yield
+        state.shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/ping", routes.ping, methods=["GET", "POST"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/invocations", routes.invocations, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/endpoints/{name}/invocations", routes.runtime_invocations,
+                  methods=["POST"]),
+            Route("/endpoints/{name}/invocations-response-stream",
+                  routes.runtime_invocations_stream, methods=["POST"]),
+        ],
+        exception_handlers={ApiError: _api_error, Exception: _unexpected_error},
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    return app
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return routes.error_response(exc)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error on %s", request.url.path)
+    return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}",
+                                   "type": "InternalServerError", "code": 500}},
+                        status_code=500)

@@ -1,0 +1,134 @@
+"""Runs a parsed job on the async engine: every prompt is validated and queued before anything is
+answered (so a bad prompt is an HTTP error, not a broken stream), then outputs are collected or
+streamed, and every finished request is recorded in the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from functools import lru_cache
+
+from engine import AsyncLLM, EngineDeadError, QueueFullError, RequestError, RequestOutput
+from engine.async_engine import RequestStream
+from handler.metrics import Metrics
+from handler.protocol import ApiError, ApiKind, Job
+
+
+class GenerationService:
+    def __init__(self, llm: AsyncLLM, metrics: Metrics):
+        self.llm, self.metrics = llm, metrics
+        self.tokenizer = llm.engine.hf_tokenizer
+        special = set(llm.engine.eos_token_ids)
+        if self.tokenizer is not None:
+            special |= set(self.tokenizer.all_special_ids)
+        self.special_ids = special
+        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token_id])
+
+    def prompts(self, job: Job) -> list[str | list[int]]:
+        if job.kind is not ApiKind.CHAT:
+            return list(job.prompts or [])
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(422, "this model has no chat template: use 'prompt' instead", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                job.messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+            raise ApiError(422, f"the chat template rejected the messages: {e}", "messages") from e
+        return [self.tokenizer.encode(text, add_special_tokens=False)]
+
+    async def start(self, job: Job, request_id: str) -> list[RequestStream]:
+        """Queue every prompt of the job; on any refusal, abort the ones queued and raise."""
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(self.prompts(job)):
+                streams.append(await self.llm.add_request(prompt, job.params, f"{request_id}-{i}"))
+        except BaseException as e:
+            for stream in streams:
+                stream.abort()
+            raise _api_error(e) from e
+        return streams
+
+    async def collect(self, streams: list[RequestStream]) -> list[RequestOutput]:
+        try:
+            return list(await asyncio.gather(*(self._last(s) for s in streams)))
+        finally:
+            for stream in streams:
+                stream.abort()
+
+    async def _last(self, stream: RequestStream) -> RequestOutput:
+        tracker = _Tracker(self.metrics)
+        output = None
+        async for output in stream:
+            tracker.observe(output)
+        assert output is not None
+        return output
+
+    async def merged(
+        self, streams: list[RequestStream]
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as steps arrive, across the job's prompts."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            tracker = _Tracker(self.metrics)
+            try:
+                async for output in stream:
+                    tracker.observe(output)
+                    await queue.put((index, output))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put((index, e))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        num_open = len(tasks)
+        try:
+            while num_open:
+                index, item = await queue.get()
+                if item is None:
+                    num_open -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in streams:
+                stream.abort()
+
+
+class _Tracker:
+    """Latency metrics of one request, observed as its outputs arrive."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.last_time: float | None = None
+
+    def observe(self, output: RequestOutput) -> None:
+        now = time.monotonic()
+        if self.last_time is not None:
+            self.metrics.inter_token_latency.observe(now - self.last_time)
+        self.last_time = now
+        if output.finished:
+            self.metrics.record_finished(output)
+
+
+def _api_error(error: BaseException) -> BaseException:
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, RequestError):
+        return ApiError(422, str(error), "prompt")
+    if isinstance(error, QueueFullError):
+        return ApiError(429, f"the server is overloaded ({error}); retry later",
+                        headers={"Retry-After": "1"})
+    if isinstance(error, EngineDeadError):
+        return ApiError(503, str(error))
+    return error

@@ -1,0 +1,103 @@
+"""Prometheus metrics: request latencies observed by the handler, engine counters read from the
+engine at scrape time (so they are never out of step with it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from engine import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "llm_time_to_first_token_seconds", "Arrival to first generated token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "llm_inter_token_latency_seconds", "Time between a request's streamed steps.",
+            buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e_latency = Histogram(
+            "llm_e2e_request_latency_seconds", "Arrival to last token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(
+            "llm_request_queue_time_seconds", "Arrival to first scheduled step.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.request_success = Counter(
+            "llm_request_success", "Finished sequences by finish reason.", ["finished_reason"],
+            registry=r)
+        self._collector = _EngineCollector()
+        r.register(self._collector)
+
+    def watch(self, stats: Callable[[], dict[str, Any] | None],
+              load_status: Callable[[], dict[str, Any]]) -> None:
+        self._collector.stats, self._collector.load_status = stats, load_status
+
+    def record_finished(self, output: RequestOutput) -> None:
+        for completion in output.outputs:
+            self.request_success.labels(completion.finish_reason or "unknown").inc()
+        m = output.metrics
+        if m is None:
+            return
+        if m.first_token_time is not None:
+            self.time_to_first_token.observe(m.first_token_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+        if m.finished_time is not None:
+            self.e2e_latency.observe(m.finished_time - m.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    def __init__(self) -> None:
+        self.stats: Callable[[], dict[str, Any] | None] = lambda: None
+        self.load_status: Callable[[], dict[str, Any]] = dict
+
+    def describe(self) -> list[Metric]:
+        return []  # collected fresh each scrape
+
+    def collect(self) -> Iterator[Metric]:
+        load = self.load_status()
+        yield _gauge("llm_model_load_seconds", "Seconds the model load took (so far).",
+                     load.get("elapsed_s", 0.0))
+        yield _gauge("llm_model_load_bytes", "Weight bytes loaded.", load.get("loaded_bytes", 0))
+        yield _gauge("llm_model_ready", "1 once the model serves.",
+                     1.0 if load.get("status") == "ready" else 0.0)
+        stats = self.stats()
+        if not stats:
+            return
+        yield _gauge("llm_num_requests_running", "Sequences in the running batch.",
+                     stats["num_running"])
+        yield _gauge("llm_num_requests_waiting", "Sequences waiting to be scheduled.",
+                     stats["num_waiting"])
+        yield _gauge("llm_kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).",
+                     stats["kv_cache_usage"])
+        counters = {
+            "llm_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
+                                         "prefix_cache_query_tokens"),
+            "llm_prefix_cache_hits": ("Prompt tokens served by the prefix cache.",
+                                      "prefix_cache_hit_tokens"),
+            "llm_prompt_tokens": ("Prompt tokens computed.", "prompt_tokens"),
+            "llm_generation_tokens": ("Tokens generated.", "generation_tokens"),
+            "llm_num_preemptions": ("Sequences preempted.", "num_preemptions"),
+        }
+        for name, (doc, key) in counters.items():
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], stats[key])
+            yield counter
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, doc)
+    gauge.add_metric([], value)
+    return gauge

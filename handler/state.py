@@ -1,0 +1,74 @@
+"""What the server knows of its model: the background load, the engine once ready, and the truth
+that /ping tells about both."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from engine import AsyncLLM, EngineConfig
+from engine.background import BackgroundLoader, LoadState
+from handler.generation import GenerationService
+from handler.metrics import Metrics
+from handler.protocol import ApiError
+from handler.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings, engine_config: EngineConfig):
+        self.settings = settings
+        self.loader = BackgroundLoader(engine_config)
+        self.metrics = Metrics()
+        self.service: GenerationService | None = None
+        self._service_lock = asyncio.Lock()
+        self.metrics.watch(self._engine_stats, self.loader.status)
+
+    def _engine_stats(self) -> dict[str, Any] | None:
+        engine = self.loader.engine
+        return engine.stats() if engine is not None else None
+
+    def start(self) -> None:
+        if not self.settings.load_on_first_request:
+            self.loader.start()
+
+    def shutdown(self) -> None:
+        if self.service is not None:
+            self.service.llm.shutdown()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """/ping's answer: 200 ready, 503 loading, 500 failed or dead (with the reason)."""
+        status = self.loader.status()
+        if self.service is not None and self.service.llm.error is not None:
+            return 500, {"status": "failed",
+                         "reason": f"the engine loop stopped: {self.service.llm.error!r}"}
+        state = self.loader.state
+        if state is LoadState.FAILED:
+            return 500, status
+        if state is LoadState.READY:
+            return 200, {"status": "ready"}
+        if self.settings.load_on_first_request:
+            # Serverless: healthy before loading; the first invocation pays for the load.
+            return 200, {**status, "detail": "the model loads on the first request"}
+        return 503, status
+
+    async def get_service(self) -> GenerationService:
+        if self.service is not None:
+            if self.service.llm.error is not None:
+                raise ApiError(503, f"the engine stopped: {self.service.llm.error!r}")
+            return self.service
+        if self.settings.load_on_first_request:
+            self.loader.start()
+            await asyncio.to_thread(self.loader.wait, self.settings.first_request_load_timeout)
+        if self.loader.state is LoadState.FAILED:
+            raise ApiError(503, f"the model failed to load: {self.loader.status()['reason']}")
+        if self.loader.state is not LoadState.READY:
+            raise ApiError(503, "the model is still loading", headers={"Retry-After": "5"})
+        async with self._service_lock:
+            if self.service is None:
+                assert self.loader.engine is not None
+                llm = AsyncLLM(self.loader.engine, self.settings.max_pending_requests)
+                self.service = GenerationService(llm, self.metrics)
+        return self.service

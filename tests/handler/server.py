@@ -1,0 +1,61 @@
+"""A real uvicorn serving the app on 127.0.0.1 in a background thread, for the tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from engine import EngineConfig
+from handler.app import build_app
+from handler.settings import ServerSettings
+from handler.state import ServerState
+
+
+@dataclass
+class RunningServer:
+    url: str
+    state: ServerState
+
+    def free_blocks(self) -> tuple[int, int]:
+        bm = self.state.loader.engine.block_manager
+        return bm.num_free_blocks, bm.num_blocks
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Until the engine holds no request (aborts travel through the engine thread)."""
+        engine = self.state.loader.engine
+        deadline = time.monotonic() + timeout
+        while engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+@contextmanager
+def serve(engine_config: EngineConfig, wait_ready: bool = True, **settings) -> Iterator[
+        RunningServer]:
+    app = build_app(ServerSettings(host="127.0.0.1", **settings), engine_config)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    running = RunningServer(f"http://127.0.0.1:{port}", app.state.server)
+    if wait_ready:
+        running.state.loader.wait(120)
+        status = httpx.get(running.url + "/ping").json()
+        assert status["status"] == "ready", status
+    try:
+        yield running
+    finally:
+        server.should_exit = True
+        thread.join(10)
