@@ -71,6 +71,7 @@ class AsyncLLM:
         self.max_pending_requests = max_pending_requests
         self.error: BaseException | None = None
         self._streams: dict[str, _Stream] = {}
+        self._num_pending = 0  # requests admitted and not yet closed (event-loop thread only)
         self._inbox: list[tuple[str, object]] = []
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -84,7 +85,7 @@ class AsyncLLM:
 
     @property
     def num_pending(self) -> int:
-        return len(self._streams)
+        return self._num_pending
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -95,14 +96,19 @@ class AsyncLLM:
         """
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error!r}")
-        if len(self._streams) >= self.max_pending_requests:
-            raise QueueFullError(f"{len(self._streams)} requests pending")
+        if self._num_pending >= self.max_pending_requests:
+            raise QueueFullError(f"{self._num_pending} requests pending")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        # Tokenizing a long prompt takes a while: keep it off the event loop.
-        request = await asyncio.to_thread(
-            self.engine.prepare_request, request_id, prompt, params
-        )
+        self._num_pending += 1  # reserved now: the await below lets other requests in
+        try:
+            # Tokenizing a long prompt takes a while: keep it off the event loop.
+            request = await asyncio.to_thread(
+                self.engine.prepare_request, request_id, prompt, params
+            )
+        except BaseException:
+            self._num_pending -= 1
+            raise
         stream = RequestStream(self, request_id)
         self._streams[request_id] = _Stream(asyncio.get_running_loop(), stream.queue)
         self._post("add", request)
@@ -121,8 +127,10 @@ class AsyncLLM:
             stream.abort()
 
     def _close_stream(self, request_id: str, is_finished: bool) -> None:
-        if self._streams.pop(request_id, None) is not None and not is_finished:
-            self._post("abort", request_id)
+        if self._streams.pop(request_id, None) is not None:
+            self._num_pending -= 1
+            if not is_finished:
+                self._post("abort", request_id)
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)

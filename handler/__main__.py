@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from handler.settings import SettingsError, parse_settings
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     from handler.app import build_app
 
     app = build_app(settings, engine_config)
+    # uvicorn re-raises SIGTERM once it has shut down gracefully; that shutdown is a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # uvicorn stops accepting on SIGTERM and lets in-flight requests finish within the grace.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
