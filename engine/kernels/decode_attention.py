@@ -119,6 +119,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     max_context_len: int | None = None,
+    out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim], contiguous
 ) -> torch.Tensor:
     check_cache(k_cache, v_cache)
     check_index(block_tables, "block_tables", 2)
@@ -131,7 +132,10 @@ def paged_decode_attention(
     check(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads")
     check(block_tables.shape[0] == num_seqs == context_lens.shape[0], "one row per sequence")
     check_same_device(query, k_cache, v_cache, block_tables, context_lens)
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    check(out.shape == query.shape and out.is_contiguous() and out.dtype == query.dtype,
+          "out must be a contiguous tensor shaped and typed like query")
     if num_seqs == 0:
         return out
     if num_splits is None:

@@ -83,6 +83,7 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,  # [num_seqs, max_blocks]
     scale: float,
     max_q_len: int | None = None,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
 ) -> torch.Tensor:
     check_cache(k_cache, v_cache)
     check_index(cu_seqlens_q, "cu_seqlens_q", 1)
@@ -98,7 +99,10 @@ def paged_prefill_attention(
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     check(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads")
     check_same_device(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables)
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    check(out.shape == query.shape and out.stride(2) == 1 and out.dtype == query.dtype,
+          "out must be shaped and typed like query")
     if num_seqs == 0 or query.shape[0] == 0:
         return out
     if max_q_len is None:

@@ -22,7 +22,8 @@ def _store_kv_kernel(
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
-    mask = (offsets < KV_WIDTH) & (slot >= 0)
+    # A padding slot (-1) writes nothing: its mask is empty.
+    mask = offsets < tl.where(slot >= 0, KV_WIDTH, 0)
     k = tl.load(key_ptr + token * stride_key_token + offsets, mask=mask)
     v = tl.load(value_ptr + token * stride_value_token + offsets, mask=mask)
     tl.store(k_cache_ptr + slot * KV_WIDTH + offsets, k, mask=mask)
