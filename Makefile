@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test test-container lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,7 +29,14 @@ serve: $(DEFAULT_MODEL)/model.tensors
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q -m "not container" tests
+
+# Builds the CPU image with podman from a locally made Debian base, then runs it (needs root,
+# podman, runc, debootstrap: `apt-get install podman runc debootstrap buildah`).
+test-container: $(STAMP)
+	scripts/container/build.sh localhost/sagemaker-llm:cpu
+	$(BIN)/python -m pytest -q -m container tests/container
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

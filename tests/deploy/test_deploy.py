@@ -1,0 +1,107 @@
+"""deploy/: the SageMaker script (dry run, and for real against moto's SageMaker and S3 on
+loopback), the compose files and the Helm chart's consistency.
+
+helm itself cannot be installed here (no registry package ships it for this Python), so the
+chart is checked for valid YAML, values that every template reference resolves to, and probes
+on /ping; it is not rendered."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "deploy" / "sagemaker.py"
+COMMON = ["--name", "smollm2", "--image", "123.dkr.ecr.us-east-1.amazonaws.com/llm:1",
+          "--role", "arn:aws:iam::123456789012:role/SageMakerRole"]
+
+
+def _run(*args: str, env: dict | None = None) -> list[dict]:
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _call(calls: list[dict], operation: str) -> dict:
+    return next(c["args"] for c in calls if c["operation"] == operation)
+
+
+def test_dry_run_instance_variant(tmp_path):
+    (tmp_path / "model.tensors").write_bytes(b"x")
+    calls = _run(*COMMON, "--model-dir", str(tmp_path), "--bucket", "b", "--dry-run")
+    assert [c["operation"] for c in calls] == [
+        "upload_file", "create_model", "create_endpoint_config", "create_endpoint",
+        "invoke_endpoint"]
+    variant = _call(calls, "create_endpoint_config")["ProductionVariants"][0]
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 1800
+    source = _call(calls, "create_model")["PrimaryContainer"]["ModelDataSource"]["S3DataSource"]
+    assert source == {"S3Uri": "s3://b/models/llm/", "S3DataType": "S3Prefix",
+                      "CompressionType": "None"}
+
+
+def test_dry_run_serverless(tmp_path):
+    calls = _run(*COMMON, "--model-s3", "s3://b/m/", "--serverless", "--memory-mb", "4096",
+                 "--dry-run", "--env", "SM_LLM_MAX_NUM_SEQS=8")
+    variant = _call(calls, "create_endpoint_config")["ProductionVariants"][0]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 4}
+    env = _call(calls, "create_model")["PrimaryContainer"]["Environment"]
+    assert env == {"SM_LLM_MAX_NUM_SEQS": "8", "SM_LLM_LOAD_ON_FIRST_REQUEST": "true",
+                   "SM_LLM_DEVICE": "cpu"}
+
+
+def test_real_calls_against_moto(tmp_path, s3, s3_endpoint):
+    (tmp_path / "config.json").write_text("{}")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "PATH": "/usr/bin:/bin"}
+    _run(*COMMON, "--model-dir", str(tmp_path), "--bucket", "models", "--prefix", "deploy",
+         "--invoke", "", "--region", "us-east-1", "--s3-endpoint", s3_endpoint,
+         "--instance-type", "ml.g4dn.xlarge",  # moto knows an older list of types
+         "--sagemaker-endpoint", s3_endpoint, env=env)
+    assert s3.get_object(Bucket="models", Key="deploy/config.json")["Body"].read() == b"{}"
+    sagemaker = boto3.client("sagemaker", endpoint_url=s3_endpoint, region_name="us-east-1")
+    endpoint = sagemaker.describe_endpoint(EndpointName="smollm2")
+    assert endpoint["EndpointConfigName"] == "smollm2"
+    model = sagemaker.describe_model(ModelName="smollm2")
+    assert model["PrimaryContainer"]["Image"].endswith("/llm:1")
+
+
+def test_compose_and_dashboard():
+    compose = yaml.safe_load((ROOT / "deploy/compose/docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"llm", "prometheus", "grafana"}
+    scrape = yaml.safe_load((ROOT / "deploy/compose/prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["llm:8080"]
+    dashboard = json.loads((ROOT / "deploy/compose/grafana/dashboards/llm.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("llm_kv_cache_usage_perc", "llm_time_to_first_token_seconds_bucket",
+                   "llm_generation_tokens_total", "llm_prefix_cache_hits_total"):
+        assert metric in exprs
+
+
+def _lookup(values: dict, path: str):
+    node = values
+    for key in path.split("."):
+        assert isinstance(node, dict) and key in node, f".Values.{path} is not in values.yaml"
+        node = node[key]
+    return node
+
+
+def test_helm_chart_is_consistent():
+    chart = ROOT / "deploy/helm/sagemaker-llm"
+    assert yaml.safe_load((chart / "Chart.yaml").read_text())["apiVersion"] == "v2"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    kinds = set()
+    for template in (chart / "templates").glob("*.yaml"):
+        text = template.read_text()
+        for path in re.findall(r"\.Values\.([A-Za-z0-9_.]+)", text):
+            _lookup(values, path)
+        kinds.update(re.findall(r"^kind: (\w+)", text, re.M))
+    assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
+    deployment = (chart / "templates/deployment.yaml").read_text()
+    assert deployment.count("path: /ping") == 3  # startup, liveness and readiness probes
