@@ -5,7 +5,8 @@ Uploads a tensorized model folder to S3 (uncompressed: SageMaker copies the pref
 check timeout, or a serverless config), the endpoint, waits for it, and invokes it once.
 --dry-run prints every API call as JSON instead of making it.
 
-    python deploy/sagemaker.py --name smollm2 --image ACCOUNT.dkr.ecr.REGION.amazonaws.com/llm:latest \
+    python deploy/sagemaker.py --name smollm2 \
+        --image ACCOUNT.dkr.ecr.REGION.amazonaws.com/llm:latest \
         --role arn:aws:iam::ACCOUNT:role/SageMakerRole --model-dir .cache/models/smollm2 \
         --bucket my-bucket [--serverless --memory-mb 6144] [--dry-run]
 """
