@@ -110,3 +110,22 @@ def test_config_that_does_not_match_the_weights(tiny_on_s3, s3, s3_endpoint):
     error = _load_error(uri, s3_endpoint)
     assert isinstance(error, ConfigMismatchError) and "intermediate" not in str(error)
     assert "gate_up_proj" in str(error)
+
+
+def test_tensorize_command_line(tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    dest = tmp_path / "cli"
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.weights", "tensorize", tiny_llama_dir, str(dest),
+         "--dtype", "bfloat16"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and manifest["num_parameters"] > 0
+    assert manifest["weights_bytes"] == (dest / "model.tensors").stat().st_size
+    assert (dest / "tokenizer.json").exists()
+    missing = subprocess.run(
+        [sys.executable, "-m", "engine.weights", "tensorize", str(tmp_path / "nope"),
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "nope" in missing.stderr
