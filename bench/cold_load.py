@@ -42,6 +42,23 @@ def ranged_read(client, bucket: str, key: str, threads: int = 8) -> int:
         return sum(pool.map(get, range(0, size, CHUNK)))
 
 
+def curl_ranged_read(client, bucket: str, key: str, processes: int = 8) -> int:
+    """The read path tensorizer itself uses (curl on presigned URLs), in parallel ranges."""
+    import subprocess
+
+    size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key})
+    part = -(-size // processes)
+    running = [
+        subprocess.Popen(["curl", "-sf", "-r", f"{start}-{min(start + part, size) - 1}", "-o",
+                          "/dev/null", url])
+        for start in range(0, size, part)
+    ]
+    if any(p.wait() != 0 for p in running):
+        raise RuntimeError("curl failed")
+    return size
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -54,8 +71,12 @@ def hf_folder(dtype: torch.dtype, folder: Path) -> Path:
     from engine.weights import default_model_path
 
     path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=dtype)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      dtype=dtype)
+    config = gguf_model.config
+    del config.quantization_config  # a plain copy of the dequantized weights
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(gguf_model.state_dict())
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -92,7 +113,10 @@ def main() -> None:
                          st_file.stat().st_size))
             seconds, nbytes = timed(lambda n=name: ranged_read(
                 client, "bench", f"smollm2-{n}/model.tensors"))
-            rows.append((name, "raw parallel ranged GETs (wire limit)", seconds, nbytes))
+            rows.append((name, "raw parallel ranged GETs, boto3", seconds, nbytes))
+            seconds, nbytes = timed(lambda n=name: curl_ranged_read(
+                client, "bench", f"smollm2-{n}/model.tensors"))
+            rows.append((name, "raw parallel ranged GETs, curl", seconds, nbytes))
     print(f"{'dtype':9s} {'path':40s} {'seconds':>8s} {'GB/s':>6s}")
     for dtype_name, path, seconds, nbytes in rows:
         print(f"{dtype_name:9s} {path:40s} {seconds:8.2f} {nbytes / seconds / 1e9:6.2f}")

@@ -11,9 +11,13 @@ against the same workload through the offline API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,10 +25,32 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.throughput import workload  # noqa: E402
-from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
-from tests.handler.server import serve  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
 
 OPTIONS = dict(max_model_len=2048, max_num_batched_tokens=512)
+
+
+@contextlib.contextmanager
+def server_process() -> Iterator[str]:
+    """The real server in its own process, so the load generator does not share its GIL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handler", "--model", "default", "--host", "127.0.0.1",
+         "--port", str(port), "--max-model-len", "2048", "--max-num-batched-tokens", "512",
+         "--log-level", "warning"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/ping").status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def percentiles(samples: list[float]) -> str:
@@ -110,13 +136,12 @@ def main() -> None:
     offline_s = time.perf_counter() - start
     offline_tokens = sum(len(o.token_ids) for o in outputs)
     del llm
-    with serve(EngineConfig(model="", **OPTIONS)) as server:
-        one_token_http(server.url, 5)
-        print(f"1-token generation, /invocations:  {percentiles(one_token_http(server.url))}")
-        rate, latencies = asyncio.run(ping_rate(server.url))
+    with server_process() as url:
+        one_token_http(url, 5)
+        print(f"1-token generation, /invocations:  {percentiles(one_token_http(url))}")
+        rate, latencies = asyncio.run(ping_rate(url))
         print(f"/ping: {rate:.0f} requests/s (8 clients), idle {percentiles(latencies)}")
-        (http_s, http_tokens), busy = asyncio.run(
-            ping_while_busy(server.url, prompts, output_lens))
+        (http_s, http_tokens), busy = asyncio.run(ping_while_busy(url, prompts, output_lens))
         print(f"/ping while serving the workload: {percentiles(busy)}")
     print(f"workload offline API: {offline_tokens} tokens in {offline_s:.1f} s = "
           f"{offline_tokens / offline_s:.1f} tok/s")

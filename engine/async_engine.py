@@ -179,5 +179,5 @@ class AsyncLLM:
             return
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed
-            self._streams.pop(request_id, None)
+        except RuntimeError:
+            pass  # the caller's event loop is closed: nobody is left to read this stream
