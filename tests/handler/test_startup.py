@@ -46,7 +46,7 @@ def test_ping_during_a_slow_load_then_ready():
         assert statuses[0] == 503 and statuses[-1] == 200
         latencies.sort()
         # The contract is 2 s; we aim at 50 ms (bench/handler_overhead.py measures it).
-        assert latencies[len(latencies) // 2] < 0.05 and latencies[-1] < 0.5
+        assert latencies[len(latencies) // 2] < 0.05 and latencies[-1] < 1.0
 
 
 def test_failed_load_is_500_with_the_reason(tmp_path):
