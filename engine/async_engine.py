@@ -8,6 +8,7 @@ If the loop dies, every open stream gets `EngineDeadError` and later calls fail 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -177,7 +178,6 @@ class AsyncLLM:
         stream = self._streams.get(request_id)
         if stream is None:
             return
-        try:
+        # A closed event loop raises RuntimeError: nobody is left to read this stream.
+        with contextlib.suppress(RuntimeError):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the caller's event loop is closed: nobody is left to read this stream
