@@ -58,6 +58,8 @@ class GenerationService:
     async def collect(self, streams: list[RequestStream]) -> list[RequestOutput]:
         try:
             return list(await asyncio.gather(*(self._last(s) for s in streams)))
+        except Exception as e:  # noqa: BLE001 - an engine failure is a 503, not a 500
+            raise _api_error(e) from e
         finally:
             for stream in streams:
                 stream.abort()

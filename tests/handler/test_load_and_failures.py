@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -110,12 +111,20 @@ def test_engine_death_fails_ping_and_open_streams(tiny_llama_dir):
         engine.step = failing_step
         body = {"inputs": "Hello", "stream": True,
                 "parameters": {"max_new_tokens": 50, "ignore_eos": True}}
+        waiting: dict = {}
+        plain = threading.Thread(target=lambda: waiting.update(response=httpx.post(
+            server.url + "/invocations", timeout=30,
+            json={"inputs": "Hi", "parameters": {"max_new_tokens": 50, "ignore_eos": True}})))
+        plain.start()
         with httpx.stream("POST", server.url + "/invocations", json=body,
                           headers={"Accept": "application/jsonlines"}, timeout=30) as response:
             records = [json.loads(line) for line in response.iter_lines() if line]
         assert response.status_code == 200
         assert records[-1]["details"]["finish_reason"] == "error"
         assert "simulated device fault" in records[-1]["error"]
+        plain.join(30)
+        assert waiting["response"].status_code == 503  # a waiting request fails, never hangs
+        assert "simulated device fault" in waiting["response"].json()["error"]["message"]
         ping = httpx.get(server.url + "/ping")
         assert ping.status_code == 500 and "simulated device fault" in ping.json()["reason"]
         later = httpx.post(server.url + "/invocations", json={"inputs": "Hi"})
