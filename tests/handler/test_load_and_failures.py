@@ -129,3 +129,35 @@ def test_engine_death_fails_ping_and_open_streams(tiny_llama_dir):
         assert ping.status_code == 500 and "simulated device fault" in ping.json()["reason"]
         later = httpx.post(server.url + "/invocations", json={"inputs": "Hi"})
         assert later.status_code == 503
+
+
+def test_response_stream_failure_is_a_model_stream_error(tiny_llama_dir):
+    import boto3
+    import pytest
+    from botocore.exceptions import EventStreamError
+
+    with serve(EngineConfig(model=tiny_llama_dir)) as server:
+        engine = server.state.loader.engine
+        real_step, calls = engine.step, {"n": 0}
+
+        def failing_step():
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise RuntimeError("simulated device fault")
+            return real_step()
+
+        engine.step = failing_step
+        runtime = boto3.client("sagemaker-runtime", endpoint_url=server.url,
+                               region_name="us-east-1", aws_access_key_id="x",
+                               aws_secret_access_key="x")
+        response = runtime.invoke_endpoint_with_response_stream(
+            EndpointName="e", ContentType="application/json",
+            Body=json.dumps({"inputs": "Hello", "stream": True,
+                             "parameters": {"max_new_tokens": 50, "ignore_eos": True}}))
+        parts = []
+        with pytest.raises(EventStreamError) as info:
+            for event in response["Body"]:
+                parts.append(event["PayloadPart"]["Bytes"])
+        assert info.value.response["Error"]["Code"] == "ModelStreamError"
+        assert "simulated device fault" in info.value.response["Error"]["Message"]
+        assert parts  # the tokens before the failure, and the final "error" record, arrived
