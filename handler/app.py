@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -43,7 +44,8 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlett
             Route("/endpoints/{name}/invocations-response-stream",
                   routes.runtime_invocations_stream, methods=["POST"]),
         ],
-        exception_handlers={ApiError: _api_error, Exception: _unexpected_error},
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error,
+                            Exception: _unexpected_error},
         lifespan=lifespan,
     )
     app.state.server = state
@@ -53,6 +55,13 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlett
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return routes.error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and methods answer in the same JSON shape as every other error."""
+    assert isinstance(exc, HTTPException)
+    return routes.error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} "
+                                          f"{request.url.path}", headers=exc.headers))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

@@ -98,3 +98,10 @@ def test_queue_full_is_429_with_retry_after(tiny_llama_dir):
         rejected = next(r for r in asyncio.run(run()) if r.status_code == 429)
         assert rejected.headers["Retry-After"] == "1"
         assert "overloaded" in rejected.json()["error"]["message"]
+
+
+def test_unknown_route_and_method_are_json(tiny_server):
+    missing = httpx.get(tiny_server.url + "/nope")
+    assert missing.status_code == 404 and "/nope" in missing.json()["error"]["message"]
+    wrong = httpx.get(tiny_server.url + "/invocations")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == 405
