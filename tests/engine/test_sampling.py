@@ -113,3 +113,13 @@ def test_abort_frees_blocks_at_once(llm):
         engine.abort(f"a{i}")
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.has_unfinished_requests()
+
+
+def test_request_larger_than_the_whole_cache_is_refused(tiny_llama_dir):
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # k and v, 2 layers, 16 tokens, 2 kv heads, d 16, fp32
+    small = LLM(tiny_llama_dir, kv_cache_memory=2 * block_bytes)
+    assert small.engine.cache_config.num_blocks == 2
+    with pytest.raises(RequestError, match="KV blocks"):
+        small.engine.add_request("big", [5] * 30, SamplingParams(max_tokens=10))
+    [ok] = small.generate([[5] * 20], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert len(ok.token_ids) == 10
