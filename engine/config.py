@@ -7,7 +7,7 @@ configs from both when it starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -98,7 +98,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     torch_dtype: str = "float32"
     sliding_window: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:

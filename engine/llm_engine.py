@@ -63,6 +63,7 @@ def resolve_dtype(requested: str, model_dtype: str, device: torch.device) -> tor
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: LoadProgress | None = None):
         self.config = config
+        torch.manual_seed(config.seed)  # unseeded requests: reproducible from start, as vLLM
         self.progress = progress or LoadProgress()
         self.device = torch.device(config.resolved_device)
         source = open_source(config.model, config.s3_endpoint, config.verify_weights)

@@ -99,7 +99,6 @@ class ModelRunner:
             prefill_context_lens=self._tensor(context_lens, torch.int32),
             prefill_block_tables=self._block_tables([s for s, _ in prefills], context_lens),
             max_prefill_q_len=max(q_lens, default=0),
-            max_prefill_context_len=max(context_lens, default=0),
         )
         return (
             self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 MAX_LOGPROBS = 20
 
@@ -25,7 +25,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; N: and the top N
     skip_special_tokens: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         # Accept a single string or lists where a tuple is stored, as users write them.
@@ -72,6 +71,4 @@ class SamplingParams:
         """The params of the index-th of n samples: a distinct seed so siblings differ."""
         if self.seed is None or index == 0:
             return self
-        from dataclasses import replace
-
         return replace(self, seed=self.seed + index)

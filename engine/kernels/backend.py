@@ -17,8 +17,7 @@ class TritonBackend:
         return paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
 
     def prefill(
-        self, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-        max_q_len, max_context_len,
+        self, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q_len,
     ):
         return paged_prefill_attention(
             query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q_len

@@ -24,7 +24,6 @@ class AttentionMetadata:
     prefill_context_lens: torch.Tensor  # [num_prefills]
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks]
     max_prefill_q_len: int = 0
-    max_prefill_context_len: int = 0
 
 
 class AttentionBackend(Protocol):
@@ -36,8 +35,7 @@ class AttentionBackend(Protocol):
         ...
 
     def prefill(
-        self, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-        max_q_len, max_context_len,
+        self, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q_len,
     ) -> torch.Tensor: ...
 
 
@@ -55,8 +53,7 @@ class TorchBackend:
         )
 
     def prefill(
-        self, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-        max_q_len, max_context_len,
+        self, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q_len,
     ):
         return reference.paged_prefill_attention_reference(
             query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale
@@ -91,8 +88,7 @@ def paged_attention(
         )
     prefill_out = backend.prefill(
         query[num_decodes:], k_cache, v_cache, meta.prefill_cu_seqlens_q,
-        meta.prefill_context_lens, meta.prefill_block_tables, scale,
-        meta.max_prefill_q_len, meta.max_prefill_context_len,
+        meta.prefill_context_lens, meta.prefill_block_tables, scale, meta.max_prefill_q_len,
     )
     if num_decodes == 0:
         return prefill_out

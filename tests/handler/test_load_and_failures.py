@@ -96,19 +96,22 @@ def test_metrics_match_the_work_done(tiny_llama_dir):
         assert m[("llm_model_load_bytes", ())] > 0
 
 
+def _fail_after(engine, num_steps: int) -> None:
+    """Make the engine's step raise, as a device fault would, after `num_steps` good steps."""
+    real_step, calls = engine.step, {"n": 0}
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] > num_steps:
+            raise RuntimeError("simulated device fault")
+        return real_step()
+
+    engine.step = failing_step
+
+
 def test_engine_death_fails_ping_and_open_streams(tiny_llama_dir):
     with serve(EngineConfig(model=tiny_llama_dir)) as server:
-        engine = server.state.loader.engine
-        real_step = engine.step
-        calls = {"n": 0}
-
-        def failing_step():
-            calls["n"] += 1
-            if calls["n"] > 3:
-                raise RuntimeError("simulated device fault")
-            return real_step()
-
-        engine.step = failing_step
+        _fail_after(server.state.loader.engine, num_steps=3)
         body = {"inputs": "Hello", "stream": True,
                 "parameters": {"max_new_tokens": 50, "ignore_eos": True}}
         waiting: dict = {}
@@ -137,16 +140,7 @@ def test_response_stream_failure_is_a_model_stream_error(tiny_llama_dir):
     from botocore.exceptions import EventStreamError
 
     with serve(EngineConfig(model=tiny_llama_dir)) as server:
-        engine = server.state.loader.engine
-        real_step, calls = engine.step, {"n": 0}
-
-        def failing_step():
-            calls["n"] += 1
-            if calls["n"] > 3:
-                raise RuntimeError("simulated device fault")
-            return real_step()
-
-        engine.step = failing_step
+        _fail_after(server.state.loader.engine, num_steps=3)
         runtime = boto3.client("sagemaker-runtime", endpoint_url=server.url,
                                region_name="us-east-1", aws_access_key_id="x",
                                aws_secret_access_key="x")
