@@ -100,3 +100,18 @@ def _causal_attention(
         enable_gqa=True,
     )
     return out.transpose(0, 1)
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor | None,  # [num_tokens, hidden], updated to x + residual
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> torch.Tensor:
+    """RMSNorm of (x + residual), computed in fp32 as Hugging Face Llama does."""
+    if residual is not None:
+        residual.copy_((x.float() + residual.float()).to(residual.dtype))
+        x = residual
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
