@@ -45,10 +45,7 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None):
         """Apply the model's chat template, then generate."""
-        tokenizer = self.get_tokenizer()
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-        return self.generate([prompt_ids], sampling_params)[0]
+        return self.generate([self.engine.chat_prompt_ids(messages)], sampling_params)[0]
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:

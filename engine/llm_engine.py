@@ -193,6 +193,23 @@ class LLMEngine:
                 f"{self.cache_config.num_blocks}"
             )
 
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The model's chat template applied to `messages`, ready to generate from.
+
+        Raises RequestError when the model has no template or the template rejects them.
+        """
+        tokenizer = self.hf_tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise RequestError("this model has no chat template: send a plain prompt")
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # noqa: BLE001 - template errors come from the caller's input
+            raise RequestError(f"the chat template rejected the messages: {e}") from e
+        # The template already holds the special tokens (BOS included).
+        return tokenizer.encode(text, add_special_tokens=False)
+
     def add_prepared(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise RequestError(f"request id {request.request_id!r} is already running")

@@ -35,6 +35,8 @@ class ModelRunner:
         self.model, self.config, self.device, self.backend = model, model_config, device, backend
         self.block_size = cache_config.block_size
         c = model_config
+        # Zeros, not empty: padded positions are masked out of attention, but NaN garbage there
+        # would still poison the weighted sum (0 x NaN = NaN).
         self.kv_cache = torch.zeros(  # [layers, k|v, blocks, block_size, kv_heads, head_dim]
             c.num_layers, 2, cache_config.num_blocks, self.block_size, c.num_kv_heads,
             c.head_dim, dtype=dtype, device=device,
@@ -83,18 +85,15 @@ class ModelRunner:
                 sample_seqs.append(seq)
         q_lens = [n for _, n in prefills]
         context_lens = [s.num_computed_tokens + n for s, n in prefills]
+        decode_context_lens = [s.num_computed_tokens + 1 for s, _ in decodes]
         cu_seqlens = [0]
         for n in q_lens:
             cu_seqlens.append(cu_seqlens[-1] + n)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64),
             num_decode_tokens=len(decodes),
-            decode_block_tables=self._block_tables([s for s, _ in decodes], [
-                s.num_computed_tokens + 1 for s, _ in decodes
-            ]),
-            decode_context_lens=self._tensor(
-                [s.num_computed_tokens + 1 for s, _ in decodes], torch.int32
-            ),
+            decode_block_tables=self._block_tables([s for s, _ in decodes], decode_context_lens),
+            decode_context_lens=self._tensor(decode_context_lens, torch.int32),
             prefill_cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
             prefill_context_lens=self._tensor(context_lens, torch.int32),
             prefill_block_tables=self._block_tables([s for s, _ in prefills], context_lens),

@@ -33,15 +33,10 @@ class GenerationService:
     def prompts(self, job: Job) -> list[str | list[int]]:
         if job.kind is not ApiKind.CHAT:
             return list(job.prompts or [])
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ApiError(422, "this model has no chat template: use 'prompt' instead", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(
-                job.messages, add_generation_prompt=True, tokenize=False
-            )
-        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
-            raise ApiError(422, f"the chat template rejected the messages: {e}", "messages") from e
-        return [self.tokenizer.encode(text, add_special_tokens=False)]
+            return [self.llm.engine.chat_prompt_ids(job.messages)]
+        except RequestError as e:
+            raise ApiError(422, str(e), "messages") from e
 
     async def start(self, job: Job, request_id: str) -> list[RequestStream]:
         """Queue every prompt of the job; on any refusal, abort the ones queued and raise."""

@@ -18,24 +18,24 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.time_to_first_token = Histogram(
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=self.registry)
+
+        self.time_to_first_token = histogram(
             "llm_time_to_first_token_seconds", "Arrival to first generated token.",
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram(
+            LATENCY_BUCKETS)
+        self.inter_token_latency = histogram(
             "llm_inter_token_latency_seconds", "Time between a request's streamed steps.",
-            buckets=TOKEN_BUCKETS, registry=r)
-        self.e2e_latency = Histogram(
-            "llm_e2e_request_latency_seconds", "Arrival to last token.",
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram(
-            "llm_request_queue_time_seconds", "Arrival to first scheduled step.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            TOKEN_BUCKETS)
+        self.e2e_latency = histogram(
+            "llm_e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
+        self.queue_time = histogram(
+            "llm_request_queue_time_seconds", "Arrival to first scheduled step.", LATENCY_BUCKETS)
         self.request_success = Counter(
             "llm_request_success", "Finished sequences by finish reason.", ["finished_reason"],
-            registry=r)
+            registry=self.registry)
         self._collector = _EngineCollector()
-        r.register(self._collector)
+        self.registry.register(self._collector)
 
     def watch(self, stats: Callable[[], dict[str, Any] | None],
               load_status: Callable[[], dict[str, Any]]) -> None:

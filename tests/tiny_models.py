@@ -93,7 +93,25 @@ def _hf_model(folder: str):
 
 def hf_greedy(folder: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy continuation of one prompt, EOS ignored."""
-    model = _hf_model(folder)
+    return hf_model_greedy(_hf_model(folder), prompt_ids, max_new_tokens)
+
+
+def hf_default_model():
+    """transformers' own GGUF loader on the embedded SmolLM2: the reference for our GGUF path."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.weights import default_model_path
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+
+
+def hf_model_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """`model.generate` greedy, to max_new_tokens. The explicit mask matters: a prompt may hold
+    the pad token itself (SmolLM2's <|im_end|>), which generate would otherwise mask out."""
+    model.generation_config.eos_token_id = None
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids])
         out = model.generate(

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.weights.s3 import S3Location, download_files, object_size, s3_client
+from engine.weights.s3 import (
+    S3Location,
+    download_files,
+    object_size,
+    s3_client,
+    s3_credentials,
+)
 from engine.weights.safetensors import load_folder_tokenizer, read_json
 from engine.weights.source import (
     ConfigMismatchError,
@@ -92,12 +98,12 @@ class TensorizerSource(WeightSource):
         from tensorizer.stream_io import open_stream
 
         self._files_dir()
-        credentials = self._client._request_signer._credentials
+        access_key, secret_key = s3_credentials()
         endpoint = self.s3_endpoint or self._client.meta.endpoint_url
         stream = open_stream(
             f"{self.uri}/{WEIGHTS_FILE}", "rb",
-            s3_access_key_id=getattr(credentials, "access_key", None),
-            s3_secret_access_key=getattr(credentials, "secret_key", None),
+            s3_access_key_id=access_key,
+            s3_secret_access_key=secret_key,
             s3_endpoint=endpoint,
             force_http=endpoint.startswith("http://"),
         )

@@ -4,11 +4,10 @@ weights, and incremental detokenization with its real tokenizer."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
-from engine.weights import default_model_path
+from tests.tiny_models import hf_default_model, hf_model_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -20,23 +19,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    model.generation_config.eos_token_id = None
-    return model.eval()
-
-
-def _hf_greedy(model, prompt_ids: list[int], num: int) -> list[int]:
-    with torch.inference_mode():
-        ids = torch.tensor([prompt_ids])
-        # An explicit mask: the prompt may contain the pad token (<|im_end|>) itself.
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num,
-                             do_sample=False, pad_token_id=2)
-    return out[0, len(prompt_ids):].tolist()
+    return hf_default_model()
 
 
 def test_plain_and_chat_prompts_match_transformers(llm, hf_model):
@@ -49,8 +32,8 @@ def test_plain_and_chat_prompts_match_transformers(llm, hf_model):
     chat = tokenizer.encode(chat_text, add_special_tokens=False)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     outputs = llm.generate([plain, chat], params)
-    assert outputs[0].token_ids == _hf_greedy(hf_model, plain, 32)
-    assert outputs[1].token_ids == _hf_greedy(hf_model, chat, 32)
+    assert outputs[0].token_ids == hf_model_greedy(hf_model, plain, 32)
+    assert outputs[1].token_ids == hf_model_greedy(hf_model, chat, 32)
     assert outputs[0].text == tokenizer.decode(outputs[0].token_ids, skip_special_tokens=True)
 
 

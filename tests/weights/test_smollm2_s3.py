@@ -6,12 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from engine import EngineConfig, SamplingParams
 from engine.background import BackgroundLoader, LoadState
-from engine.weights import default_model_path
 from engine.weights.tensorize import tensorize
+from tests.tiny_models import hf_default_model, hf_model_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +30,8 @@ def test_smollm2_from_s3_matches_transformers(s3, s3_endpoint):
     engine = loader.engine
     assert engine.progress.loaded_bytes == engine.progress.total_bytes > 500e6
 
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                              dtype=torch.float32).eval()
     prompt = engine.hf_tokenizer.encode("Once upon a time, in a small village,")
-    ids = torch.tensor([prompt])
-    hf.generation_config.eos_token_id = None
-    with torch.inference_mode():
-        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
-                               do_sample=False, pad_token_id=2)[0, len(prompt):].tolist()
+    expected = hf_model_greedy(hf_default_model(), prompt, 32)
     engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     output = None
     start = time.monotonic()
