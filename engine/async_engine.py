@@ -14,7 +14,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.llm_engine import LLMEngine, Request
+from engine.input_processor import EngineRequest
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -27,6 +28,18 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """More requests are pending than the engine admits."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (and only it); `output` holds what it made before."""
+
+    def __init__(self, output: RequestOutput):
+        super().__init__(output.error or "the request failed in the engine")
+        self.output = output
+
+
+class RequestCancelledError(RuntimeError):
+    """The server ended the request (shutdown past its grace, or a deadline)."""
 
 
 @dataclass
@@ -54,6 +67,10 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.abort()
             raise item
+        if item.error is not None:
+            self.is_finished = True
+            self.abort()
+            raise RequestFailedError(item)
         if item.finished:
             self.is_finished = True
             self.abort()
@@ -105,14 +122,19 @@ class AsyncLLM:
         try:
             # Tokenizing a long prompt takes a while: keep it off the event loop.
             request = await asyncio.to_thread(
-                self.engine.prepare_request, request_id, prompt, params
+                self.engine.process_inputs, request_id, prompt, params
             )
         except BaseException:
             self._num_pending -= 1
             raise
         stream = RequestStream(self, request_id)
-        self._streams[request_id] = _Stream(asyncio.get_running_loop(), stream.queue)
-        self._post("add", request)
+        with self._lock:  # the loop may have died during the await: never queue into a corpse
+            if self.error is not None:
+                self._num_pending -= 1
+                raise EngineDeadError(f"the engine stopped: {self.error!r}")
+            self._streams[request_id] = _Stream(asyncio.get_running_loop(), stream.queue)
+            self._inbox.append(("add", request))
+        self._wakeup.set()
         return stream
 
     async def generate(
@@ -136,6 +158,18 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
+    def cancel_all(self, reason: str) -> int:
+        """End every open request now with `RequestCancelledError(reason)`; how many there were.
+
+        Event-loop thread only. Their streams get the error as their last item (so a stream can
+        end with an error record rather than be cut), and the engine frees their blocks.
+        """
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._deliver(request_id, RequestCancelledError(reason))
+            self._post("abort", request_id)
+        return len(request_ids)
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wakeup.set()
@@ -152,9 +186,9 @@ class AsyncLLM:
             self._wakeup.clear()
         for command, payload in inbox:
             if command == "add":
-                assert isinstance(payload, Request)
+                assert isinstance(payload, EngineRequest)
                 if payload.request_id in self._streams:  # not abandoned while queued
-                    self.engine.add_prepared(payload)
+                    self.engine.add_processed(payload)
             else:
                 self.engine.abort(str(payload))
 
@@ -169,9 +203,11 @@ class AsyncLLM:
                     self._deliver(output.request_id, output)
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop; report it
             logger.exception("engine loop died")
-            self.error = e
+            with self._lock:
+                self.error = e
+                request_ids = list(self._streams)
             dead = EngineDeadError(f"the engine stopped: {e!r}")
-            for request_id in list(self._streams):
+            for request_id in request_ids:
                 self._deliver(request_id, dead)
 
     def _deliver(self, request_id: str, item: object) -> None:

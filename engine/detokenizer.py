@@ -14,12 +14,18 @@ from tokenizers.decoders import DecodeStream
 
 from engine.sampling_params import SamplingParams
 
+# Prompt tokens the stream starts from: enough context that the first generated word keeps its
+# leading space with SentencePiece-style decoders (they strip it at the start of a text).
+NUM_CONTEXT_TOKENS = 4
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any | None, params: SamplingParams):
+    def __init__(self, tokenizer: Any | None, params: SamplingParams,
+                 prompt_token_ids: list[int] = ()):
         # `tokenizer` is a `tokenizers.Tokenizer` (the fast backend), or None: ids only.
         self.tokenizer = tokenizer
-        self.stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
+        context = list(prompt_token_ids[-NUM_CONTEXT_TOKENS:])
+        self.stream = DecodeStream(context or None, params.skip_special_tokens)
         self.stop = params.stop
         self.max_stop_len = params.max_stop_len
         self.text = ""

@@ -41,6 +41,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    error: str | None = None  # set when the request failed in the engine (finish reason "error")
 
     # The first (usually only) completion, for `n == 1` callers.
     @property

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, replace
 
 MAX_LOGPROBS = 20
 
@@ -25,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; N: and the top N
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         # Accept a single string or lists where a tuple is stored, as users write them.
@@ -34,9 +36,14 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        object.__setattr__(self, "logit_bias", dict(self.logit_bias))
         self._validate()
 
     def _validate(self) -> None:
+        floats = (self.temperature, self.top_p, self.min_p, self.repetition_penalty,
+                  self.presence_penalty, self.frequency_penalty, *self.logit_bias.values())
+        if not all(isinstance(x, int | float) and math.isfinite(x) for x in floats):
+            raise ValueError("sampling parameters must be finite numbers")
         checks = [
             (self.n >= 1, "n must be >= 1"),
             (self.temperature >= 0.0, "temperature must be >= 0"),
@@ -50,6 +57,9 @@ class SamplingParams:
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be ints"),
+            (all(isinstance(t, int) for t in self.logit_bias), "logit_bias keys must be ints"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()),
+             "logit_bias values must be in [-100, 100]"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                 f"logprobs must be in [0, {MAX_LOGPROBS}]",

@@ -19,17 +19,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from handler.app import build_app
+    from handler.connections import raise_open_files_limit
+    from handler.server import build_server
 
-    app = build_app(settings, engine_config)
+    raise_open_files_limit()
+    server = build_server(build_app(settings, engine_config), settings)
     # uvicorn re-raises SIGTERM once it has shut down gracefully; that shutdown is a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # uvicorn stops accepting on SIGTERM and lets in-flight requests finish within the grace.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
-                access_log=False)
+    server.run()
     return 0
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -45,7 +45,7 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlett
                   routes.runtime_invocations_stream, methods=["POST"]),
         ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error,
-                            Exception: _unexpected_error},
+                            ClientDisconnect: _client_gone, Exception: _unexpected_error},
         lifespan=lifespan,
     )
     app.state.server = state
@@ -62,6 +62,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return routes.error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} "
                                           f"{request.url.path}", headers=exc.headers))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    logger.info("%s %s: the client disconnected", request.method, request.url.path)
+    return Response(status_code=499)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

@@ -9,10 +9,26 @@ import time
 from collections.abc import AsyncIterator
 from functools import lru_cache
 
-from engine import AsyncLLM, EngineDeadError, QueueFullError, RequestError, RequestOutput
-from engine.async_engine import RequestStream
+from engine import (
+    AsyncLLM,
+    EngineDeadError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestError,
+    RequestFailedError,
+    RequestOutput,
+    RequestStream,
+)
 from handler.metrics import Metrics
 from handler.protocol import ApiError, ApiKind, Job
+
+# The engine's names for request fields, as each API spells them.
+_PARAM_NAMES = {
+    ApiKind.TGI: {"prompt": "inputs", "max_tokens": "parameters.max_new_tokens",
+                  "stop_token_ids": "parameters.stop_token_ids"},
+    ApiKind.CHAT: {"prompt": "messages"},
+    ApiKind.COMPLETION: {},
+}
 
 
 class GenerationService:
@@ -30,31 +46,31 @@ class GenerationService:
             return ""
         return self.tokenizer.decode([token_id])
 
-    def prompts(self, job: Job) -> list[str | list[int]]:
+    async def prompts(self, job: Job) -> list[str | list[int]]:
         if job.kind is not ApiKind.CHAT:
             return list(job.prompts or [])
-        try:
-            return [self.llm.engine.chat_prompt_ids(job.messages)]
-        except RequestError as e:
-            raise ApiError(422, str(e), "messages") from e
+        # The template and its tokenizing take a while for long chats: off the event loop.
+        return [await asyncio.to_thread(self.llm.engine.chat_prompt_ids, job.messages)]
 
     async def start(self, job: Job, request_id: str) -> list[RequestStream]:
         """Queue every prompt of the job; on any refusal, abort the ones queued and raise."""
         streams: list[RequestStream] = []
         try:
-            for i, prompt in enumerate(self.prompts(job)):
+            for i, prompt in enumerate(await self.prompts(job)):
                 streams.append(await self.llm.add_request(prompt, job.params, f"{request_id}-{i}"))
         except BaseException as e:
             for stream in streams:
                 stream.abort()
-            raise _api_error(e) from e
+            raise api_error(e, job.kind) from e
         return streams
 
-    async def collect(self, streams: list[RequestStream]) -> list[RequestOutput]:
+    async def collect(self, streams: list[RequestStream], deadline: float | None
+                      ) -> list[RequestOutput]:
         try:
-            return list(await asyncio.gather(*(self._last(s) for s in streams)))
-        except Exception as e:  # noqa: BLE001 - an engine failure is a 503, not a 500
-            raise _api_error(e) from e
+            async with asyncio.timeout_at(deadline):
+                return list(await asyncio.gather(*(self._last(s) for s in streams)))
+        except Exception as e:  # noqa: BLE001 - engine failures are 5xx errors, not crashes
+            raise api_error(e) from e
         finally:
             for stream in streams:
                 stream.abort()
@@ -68,7 +84,7 @@ class GenerationService:
         return output
 
     async def merged(
-        self, streams: list[RequestStream]
+        self, streams: list[RequestStream], deadline: float | None
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as steps arrive, across the job's prompts."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -88,7 +104,11 @@ class GenerationService:
         num_open = len(tasks)
         try:
             while num_open:
-                index, item = await queue.get()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        index, item = await queue.get()
+                except TimeoutError as e:
+                    raise RequestCancelledError("the request exceeded its deadline") from e
                 if item is None:
                     num_open -= 1
                 elif isinstance(item, BaseException):
@@ -118,14 +138,20 @@ class _Tracker:
             self.metrics.record_finished(output)
 
 
-def _api_error(error: BaseException) -> BaseException:
+def api_error(error: BaseException, kind: ApiKind | None = None) -> BaseException:
+    """The HTTP error for an engine exception (other exceptions pass through)."""
     if isinstance(error, ApiError):
         return error
     if isinstance(error, RequestError):
-        return ApiError(422, str(error), "prompt")
+        param = _PARAM_NAMES.get(kind, {}).get(error.param, error.param) if kind else error.param
+        return ApiError(422, str(error), param)
     if isinstance(error, QueueFullError):
         return ApiError(429, f"the server is overloaded ({error}); retry later",
                         headers={"Retry-After": "1"})
-    if isinstance(error, EngineDeadError):
+    if isinstance(error, RequestFailedError):
+        return ApiError(500, f"the request failed in the engine: {error}")
+    if isinstance(error, TimeoutError):
+        return ApiError(503, "the request exceeded its deadline")
+    if isinstance(error, EngineDeadError | RequestCancelledError):
         return ApiError(503, str(error))
     return error

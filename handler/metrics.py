@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from engine import RequestOutput
 
+LOAD_PHASES = ("starting", "config", "tokenizer", "weights", "kv_cache", "ready")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -34,12 +35,21 @@ class Metrics:
         self.request_success = Counter(
             "llm_request_success", "Finished sequences by finish reason.", ["finished_reason"],
             registry=self.registry)
+        self.requests_ended = Counter(
+            "llm_requests_ended", "HTTP requests by how they ended: finished, client_gone, "
+            "error (failed in the engine or cut by a deadline or shutdown), refused (4xx, 429, "
+            "503 before running).", ["reason"], registry=self.registry)
+        for reason in ("finished", "client_gone", "error", "refused"):
+            self.requests_ended.labels(reason)
         self._collector = _EngineCollector()
         self.registry.register(self._collector)
 
     def watch(self, stats: Callable[[], dict[str, Any] | None],
               load_status: Callable[[], dict[str, Any]]) -> None:
         self._collector.stats, self._collector.load_status = stats, load_status
+
+    def request_ended(self, reason: str) -> None:
+        self.requests_ended.labels(reason).inc()
 
     def record_finished(self, output: RequestOutput) -> None:
         for completion in output.outputs:
@@ -53,9 +63,6 @@ class Metrics:
             self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
         if m.finished_time is not None:
             self.e2e_latency.observe(m.finished_time - m.arrival_time)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class _EngineCollector:
@@ -73,6 +80,11 @@ class _EngineCollector:
         yield _gauge("llm_model_load_bytes", "Weight bytes loaded.", load.get("loaded_bytes", 0))
         yield _gauge("llm_model_ready", "1 once the model serves.",
                      1.0 if load.get("status") == "ready" else 0.0)
+        phase = GaugeMetricFamily("llm_model_load_phase", "1 for the phase the load is in.",
+                                  labels=["phase"])
+        for name in LOAD_PHASES:
+            phase.add_metric([name], 1.0 if load.get("phase") == name else 0.0)
+        yield phase
         stats = self.stats()
         if not stats:
             return
@@ -82,6 +94,9 @@ class _EngineCollector:
                      stats["num_waiting"])
         yield _gauge("llm_kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).",
                      stats["kv_cache_usage"])
+        yield _gauge("llm_kv_cache_free_blocks", "KV-cache blocks free.",
+                     stats["num_free_blocks"])
+        yield _gauge("llm_kv_cache_total_blocks", "KV-cache blocks in all.", stats["num_blocks"])
         counters = {
             "llm_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
                                          "prefix_cache_query_tokens"),

@@ -1,15 +1,39 @@
-"""The request shapes users send, parsed into one job: TGI/LMI (`inputs`), OpenAI completion
-(`prompt`) and OpenAI chat (`messages`). Schema errors name the field (HTTP 422)."""
+"""The request shapes users send, as typed models: TGI/LMI (`inputs`), OpenAI completion
+(`prompt`) and OpenAI chat (`messages`), each parsed into one `Job` for the engine.
+
+Bodies are parsed strictly: no NaN or Infinity, no lone surrogates, bounded nesting and number
+sizes; types are not coerced (a string is not a number, a bool is not an integer). A schema error
+is a 422 naming the field path and the value; a field we know but do not implement is a 400 that
+names it, never silently ignored.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine import SamplingParams
 
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP_SEQUENCES = 16
+MAX_N = 16
+INT64_MAX = 2**63 - 1
+
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Seed = Annotated[int, Field(ge=0, le=INT64_MAX)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1, le=1 << 20)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=100.0)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+Stop = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None
 
 
 class ApiKind(enum.StrEnum):
@@ -32,6 +56,120 @@ def invalid(param: str, message: str) -> ApiError:
     return ApiError(422, f"{param}: {message}", param)
 
 
+# -- the models -------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (clients send `user`, `metadata`...); known but unimplemented
+    # ones are refused by `_refuse_unsupported`.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class _Sampling(_Strict):
+    """The sampling fields every shape shares (vLLM's extensions included)."""
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: Probability | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: Seed | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+
+
+class TGIParameters(_Sampling):
+    max_new_tokens: MaxTokens | None = None
+    do_sample: bool | None = None
+    stop: Stop = None
+    stop_sequences: Stop = None
+    return_full_text: bool | None = None
+    details: bool | None = None
+    truncate: Annotated[int, Field(ge=1)] | None = None
+    watermark: Literal[False] | None = None
+    typical_p: Literal[1.0] | None = None  # accepted only as "off"
+    best_of: Literal[1] | None = None
+
+
+class TGIRequest(_Strict):
+    inputs: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=64)]
+    parameters: TGIParameters | None = None
+    stream: bool = False
+
+
+class _OpenAICommon(_Sampling):
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stream: bool = False
+    stop: Stop = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    stream_options: StreamOptions | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> _OpenAICommon:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class CompletionRequest(_OpenAICommon):
+    prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=64)]
+             | PromptIds | Annotated[list[PromptIds], Field(min_length=1, max_length=64)])
+    max_tokens: MaxTokens | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_OpenAICommon):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+_OpenAICommon.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatRequest.model_rebuild()
+
+# Fields of the APIs we know and do not implement: refused by name, never silently ignored.
+UNSUPPORTED_FIELDS = {
+    ApiKind.CHAT: ("tools", "tool_choice", "functions", "function_call", "response_format",
+                   "parallel_tool_calls", "audio", "modalities", "prediction", "guided_json",
+                   "guided_regex", "guided_choice", "guided_grammar"),
+    ApiKind.COMPLETION: ("suffix", "response_format", "guided_json", "guided_regex",
+                         "guided_choice", "guided_grammar"),
+    ApiKind.TGI: ("grammar", "adapter_id", "top_n_tokens", "decoder_input_details"),
+}
+
+
+# -- the job the handler runs -----------------------------------------------------------------
+
+
 @dataclass
 class Job:
     kind: ApiKind
@@ -46,186 +184,164 @@ class Job:
     include_usage: bool = False
     chat_logprobs: bool = False
     model: str | None = None
+    truncate: int | None = None  # TGI: keep only the last N prompt tokens
+
+
+def decode_json(body: bytes) -> Any:
+    """Strict JSON: a 400 naming the problem for anything `json` would accept but we must not
+    (NaN, Infinity, lone surrogates, numbers past 4300 digits, nesting past 200 levels)."""
+    try:
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from e
 
 
 def parse_job(body: Any, default_max_new_tokens: int) -> Job:
     if not isinstance(body, dict):
         raise invalid("body", "must be a JSON object")
     if "messages" in body:
-        return _parse_chat(body)
+        return _parse_chat(_validate(ChatRequest, body, ApiKind.CHAT))
     if "prompt" in body:
-        return _parse_completion(body)
+        return _parse_completion(_validate(CompletionRequest, body, ApiKind.COMPLETION))
     if "inputs" in body:
-        return _parse_tgi(body, default_max_new_tokens)
+        return _parse_tgi(_validate(TGIRequest, body, ApiKind.TGI), default_max_new_tokens)
     raise ApiError(422, "the body needs 'inputs' (TGI/LMI), 'prompt' (completion) or "
                    "'messages' (chat)", "body")
 
 
-# -- field readers ----------------------------------------------------------------------------
-
-
-def _number(d: dict, key: str, default: Any, lo: float, hi: float, *, integer: bool = False,
-            prefix: str = "") -> Any:
-    value = d.get(key)
-    if value is None:
-        return default
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise invalid(prefix + key, f"must be {'an integer' if integer else 'a number'}")
-    if not lo <= value <= hi:
-        raise invalid(prefix + key, f"must be in [{lo}, {hi}], got {value}")
-    return value
-
-
-def _bool(d: dict, key: str, default: bool, prefix: str = "") -> bool:
-    value = d.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(prefix + key, "must be true or false")
-    return value
-
-
-def _stop(d: dict, key: str, prefix: str = "") -> tuple[str, ...]:
-    value = d.get(key)
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-        raise invalid(prefix + key, "must be a non-empty string or a list of them")
-    if len(value) > 16:
-        raise invalid(prefix + key, "at most 16 stop sequences")
-    return tuple(value)
-
-
-def _token_ids(d: dict, key: str) -> tuple[int, ...]:
-    value = d.get(key) or []
-    if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
-        raise invalid(key, "must be a list of token ids")
-    return tuple(value)
-
-
-def _sampling(d: dict, max_tokens: int, prefix: str = "", **overrides: Any) -> SamplingParams:
-    args = dict(
-        max_tokens=max_tokens,
-        temperature=_number(d, "temperature", 1.0, 0.0, 100.0, prefix=prefix),
-        top_p=_number(d, "top_p", 1.0, 1e-9, 1.0, prefix=prefix),
-        top_k=_number(d, "top_k", 0, -1, 1 << 20, integer=True, prefix=prefix),
-        min_p=_number(d, "min_p", 0.0, 0.0, 1.0, prefix=prefix),
-        repetition_penalty=_number(d, "repetition_penalty", 1.0, 1e-3, 100.0, prefix=prefix),
-        presence_penalty=_number(d, "presence_penalty", 0.0, -2.0, 2.0, prefix=prefix),
-        frequency_penalty=_number(d, "frequency_penalty", 0.0, -2.0, 2.0, prefix=prefix),
-        seed=_number(d, "seed", None, 0, 2**63 - 1, integer=True, prefix=prefix),
-        min_tokens=_number(d, "min_tokens", 0, 0, max_tokens, integer=True, prefix=prefix),
-        ignore_eos=_bool(d, "ignore_eos", False, prefix),
-        skip_special_tokens=_bool(d, "skip_special_tokens", True, prefix),
-    )
-    args.update(overrides)
+def _validate(model: type[BaseModel], body: dict, kind: ApiKind) -> Any:
+    _refuse_unsupported(body, kind)
     try:
-        return SamplingParams(**args)
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _schema_error(e, body) from e
+
+
+def _refuse_unsupported(body: dict, kind: ApiKind) -> None:
+    fields = body.get("parameters") if kind is ApiKind.TGI else body
+    prefix = "parameters." if kind is ApiKind.TGI else ""
+    if not isinstance(fields, dict):
+        return
+    for name in UNSUPPORTED_FIELDS[kind]:
+        if fields.get(name) not in (None, False, [], {}):
+            raise ApiError(400, f"{prefix}{name} is not supported by this server", prefix + name)
+
+
+def _schema_error(error: ValidationError, body: dict) -> ApiError:
+    # The deepest error is the most specific one (of a union's branches, the one that got
+    # furthest into the value).
+    worst = max(error.errors(include_url=False), key=lambda e: len(e["loc"]))
+    path = _path(worst["loc"], body, worst["type"] == "missing")
+    value = repr(worst.get("input"))
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    return ApiError(422, f"{path}: {worst['msg']} (got {shown})", path)
+
+
+def _path(loc: tuple, body: Any, is_missing: bool) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content', following the body itself so that
+    pydantic's union branch labels ('str', 'list[int]') drop out."""
+    path, node = "", body
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            path, node = f"{path}[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and (
+            part in node or (is_missing and i == len(loc) - 1)
+        ):
+            path = f"{path}.{part}" if path else part
+            node = node.get(part)
+    return path or "body"
+
+
+# -- each shape into a job --------------------------------------------------------------------
+
+
+def _stops(*stops: str | list[str] | None) -> tuple[str, ...]:
+    found: list[str] = []
+    for stop in stops:
+        found += [stop] if isinstance(stop, str) else (stop or [])
+    if len(found) > MAX_STOP_SEQUENCES:
+        raise invalid("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    return tuple(found)
+
+
+def _params(request: _Sampling, max_tokens: int, param: str = "", **extra: Any) -> SamplingParams:
+    fields = request.model_dump(include=set(_Sampling.model_fields), exclude_none=True)
+    if fields.get("min_tokens", 0) > max_tokens:
+        raise invalid(param + "min_tokens", f"must be at most max tokens ({max_tokens})")
+    try:
+        return SamplingParams(max_tokens=max_tokens, **fields, **extra)
     except ValueError as e:
-        raise ApiError(422, str(e), prefix.rstrip(".") or None) from e
+        raise ApiError(422, str(e), param.rstrip(".") or None) from e
 
 
-# -- the three shapes -------------------------------------------------------------------------
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    parsed = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or int(key) > INT64_MAX:
+            raise invalid("logit_bias", f"keys must be token ids, got {key!r}")
+        parsed[int(key)] = value
+    return parsed
 
 
-def _parse_tgi(body: dict, default_max_new_tokens: int) -> Job:
-    inputs = body["inputs"]
-    is_batch = isinstance(inputs, list)
-    prompts = inputs if is_batch else [inputs]
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise invalid("inputs", "must be a non-empty string or a list of them")
-    params = body.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise invalid("parameters", "must be an object")
-    pre = "parameters."
-    max_new = _number(params, "max_new_tokens", default_max_new_tokens, 1, MAX_TOKENS_LIMIT,
-                      integer=True, prefix=pre)
-    stop = _stop(params, "stop", pre) + _stop(params, "stop_sequences", pre)
-    do_sample = _bool(params, "do_sample", False, pre)
-    is_sampled = do_sample or any(params.get(k) is not None for k in ("top_p", "top_k"))
-    is_sampled |= params.get("temperature") not in (None, 0, 0.0)
-    details = _bool(params, "details", False, pre)
-    sampling = _sampling(
-        params, max_new, pre, stop=stop, logprobs=0 if details else None,
-        **({} if is_sampled else {"temperature": 0.0}),
-    )
+def _parse_tgi(request: TGIRequest, default_max_new_tokens: int) -> Job:
+    p = request.parameters or TGIParameters()
+    is_sampled = bool(p.do_sample) or p.top_p is not None or p.top_k is not None
+    is_sampled |= p.temperature not in (None, 0.0)
+    extra: dict[str, Any] = {} if is_sampled else {"temperature": 0.0}
+    params = _params(p, p.max_new_tokens or default_max_new_tokens, "parameters.",
+                     stop=_stops(p.stop, p.stop_sequences),
+                     logprobs=0 if p.details else None, **extra)
+    is_batch = isinstance(request.inputs, list)
     return Job(
-        ApiKind.TGI, list(prompts), sampling, is_stream=_bool(body, "stream", False),
-        is_batch=is_batch, details=details,
-        return_full_text=_bool(params, "return_full_text", False, pre),
+        ApiKind.TGI, list(request.inputs) if is_batch else [request.inputs], params,
+        is_stream=request.stream, is_batch=is_batch, details=bool(p.details),
+        return_full_text=bool(p.return_full_text), truncate=p.truncate,
     )
 
 
 def _completion_prompts(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt):
-            return list(prompt)
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return [list(p) for p in prompt]
-    raise invalid("prompt", "must be a string, a list of strings, a list of token ids, or a "
-                  "list of lists of token ids")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _openai_common(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    n = _number(body, "n", 1, 1, 16, integer=True)
-    return _sampling(body, max_tokens, n=n, stop=_stop(body, "stop"),
-                     stop_token_ids=_token_ids(body, "stop_token_ids"), logprobs=logprobs)
+def _openai_params(request: _OpenAICommon, max_tokens: int, logprobs: int | None
+                   ) -> SamplingParams:
+    return _params(request, max_tokens, n=request.n, stop=_stops(request.stop),
+                   stop_token_ids=tuple(request.stop_token_ids or ()), logprobs=logprobs,
+                   logit_bias=_logit_bias(request.logit_bias))
 
 
-def _stream_options(body: dict) -> bool:
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise invalid("stream_options", "must be an object")
-    return _bool(options, "include_usage", False, "stream_options.")
-
-
-def _parse_completion(body: dict) -> Job:
-    prompts = _completion_prompts(body["prompt"])
-    max_tokens = _number(body, "max_tokens", 16, 1, MAX_TOKENS_LIMIT, integer=True)
-    logprobs = _number(body, "logprobs", None, 0, 20, integer=True)
+def _parse_completion(request: CompletionRequest) -> Job:
+    params = _openai_params(request, request.max_tokens or 16, request.logprobs)
     return Job(
-        ApiKind.COMPLETION, prompts, _openai_common(body, max_tokens, logprobs),
-        is_stream=_bool(body, "stream", False), echo=_bool(body, "echo", False),
-        include_usage=_stream_options(body), model=body.get("model"),
+        ApiKind.COMPLETION, _completion_prompts(request.prompt), params,
+        is_stream=request.stream, echo=request.echo,
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        model=request.model,
     )
 
 
-def _parse_chat(body: dict) -> Job:
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "must be a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise invalid(f"messages[{i}]", "must be an object with a 'role'")
-        message["content"] = _message_text(message.get("content"), f"messages[{i}].content")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 256, 1, MAX_TOKENS_LIMIT,
-                         integer=True)
-    wants_logprobs = _bool(body, "logprobs", False)
-    top = _number(body, "top_logprobs", 0, 0, 20, integer=True)
+def _parse_chat(request: ChatRequest) -> Job:
+    max_tokens = request.max_completion_tokens or request.max_tokens or 256
+    top = request.top_logprobs or 0
+    params = _openai_params(request, max_tokens, top if request.logprobs else None)
+    messages = [_message_dict(m) for m in request.messages]
     return Job(
-        ApiKind.CHAT, None, _openai_common(body, max_tokens, top if wants_logprobs else None),
-        is_stream=_bool(body, "stream", False), messages=messages,
-        include_usage=_stream_options(body), chat_logprobs=wants_logprobs,
-        model=body.get("model"),
+        ApiKind.CHAT, None, params, is_stream=request.stream, messages=messages,
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        chat_logprobs=request.logprobs, model=request.model,
     )
 
 
-def _message_text(content: Any, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise invalid(param, "only text parts are supported")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-    raise invalid(param, "must be a string or a list of text parts")
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    content = message.content
+    text = "".join(p.text for p in content) if isinstance(content, list) else (content or "")
+    extra = {k: v for k, v in (message.model_extra or {}).items() if k != "content"}
+    if extra.get("tool_calls"):
+        raise ApiError(400, "messages[].tool_calls is not supported by this server",
+                       "messages.tool_calls")
+    named = {"name": message.name} if message.name else {}
+    return {"role": message.role, "content": text, **named}

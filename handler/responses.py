@@ -110,9 +110,10 @@ def openai_response(job: Job, outputs: list[RequestOutput], request_id: str, mod
 # -- stream records ---------------------------------------------------------------------------
 
 
-def sse(payload: dict | str, *, space: bool = True) -> bytes:
+def sse(payload: dict | str, *, space: bool = True, event: str | None = None) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data:{' ' if space else ''}{data}\n\n".encode()
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data:{' ' if space else ''}{data}\n\n".encode()
 
 
 def json_line(payload: dict) -> bytes:
@@ -126,14 +127,14 @@ class StreamFormatter:
                  special_ids: set[int], is_jsonlines: bool):
         self.job, self.request_id, self.model = job, request_id, model
         self.token_text, self.special_ids = token_text, special_ids
-        self.is_jsonlines = is_jsonlines and job.kind is ApiKind.TGI
+        self.is_jsonlines = is_jsonlines
         self.created = int(time.time())
         self.sent_role: set[int] = set()
 
-    def _frame(self, payload: dict) -> bytes:
+    def _frame(self, payload: dict, event: str | None = None) -> bytes:
         if self.is_jsonlines:
             return json_line(payload)
-        return sse(payload, space=self.job.kind is not ApiKind.TGI)
+        return sse(payload, space=self.job.kind is not ApiKind.TGI, event=event)
 
     def records(self, prompt_index: int, out: RequestOutput) -> list[bytes]:
         if self.job.kind is ApiKind.TGI:
@@ -194,7 +195,7 @@ class StreamFormatter:
         return [self._frame(self._chunk([], usage=_usage(outputs)))]
 
     def done_record(self) -> list[bytes]:
-        return [] if self.job.kind is ApiKind.TGI else [sse("[DONE]")]
+        return [] if self.job.kind is ApiKind.TGI or self.is_jsonlines else [sse("[DONE]")]
 
     def error_record(self, message: str, generated: dict[int, str]) -> bytes:
         """The final record of a stream that failed: finish reason "error"."""
@@ -202,7 +203,7 @@ class StreamFormatter:
         if self.job.kind is ApiKind.TGI:
             return self._frame({"token": None, "generated_text": "".join(generated.values()),
                                 "details": {"finish_reason": "error"}, "error": message,
-                                "error_type": "generation"})
+                                "error_type": "generation"}, event="error")
         choice: dict[str, Any] = {"index": 0, "finish_reason": "error", "logprobs": None}
         choice.update({"delta": {}} if self.job.kind is ApiKind.CHAT else {"text": ""})
-        return self._frame(self._chunk([choice], error=error))
+        return self._frame(self._chunk([choice], error=error), event="error")

@@ -4,34 +4,39 @@ runtime API (/endpoints/{name}/...), /metrics and /health."""
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.requests import Request
+from prometheus_client.exposition import choose_encoder
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from handler import sagemaker
-from handler.generation import GenerationService
-from handler.protocol import ApiError, ApiKind, parse_job
+from handler.formats import StreamFormat, choose_format
+from handler.generation import GenerationService, api_error
+from handler.protocol import ApiError, ApiKind, decode_json, parse_job
 from handler.responses import StreamFormatter, openai_response, tgi_response
 from handler.state import ServerState
 
-JSONLINES_TYPES = ("application/jsonlines", "application/jsonl", "application/x-ndjson")
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {
+    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+    405: "MethodNotAllowed", 406: "NotAcceptableError", 408: "RequestTimeoutError",
+    413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 422: "ValidationError",
+    429: "OverloadedError", 499: "ClientClosedRequest", 503: "ServiceUnavailableError",
+}
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": _error_type(error.status),
+    body = {"error": {"message": error.message,
+                      "type": ERROR_TYPES.get(error.status, "InternalServerError"),
                       "param": error.param, "code": error.status}}
     return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-
-def _error_type(status: int) -> str:
-    return {400: "BadRequestError", 401: "AuthenticationError", 413: "RequestTooLargeError",
-            415: "UnsupportedMediaTypeError", 422: "ValidationError", 429: "OverloadedError",
-            503: "ServiceUnavailableError"}.get(status, "InternalServerError")
 
 
 def _state(request: Request) -> ServerState:
@@ -52,8 +57,8 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(),
-                    media_type="text/plain; version=0.0.4; charset=utf-8")
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(_state(request).metrics.registry), media_type=content_type)
 
 
 async def models(request: Request) -> Response:
@@ -64,36 +69,52 @@ async def models(request: Request) -> Response:
     ]})
 
 
-# -- invocations ------------------------------------------------------------------------------
+# -- reading a request ------------------------------------------------------------------------
 
 
 def _check_api_key(request: Request) -> None:
     key = _state(request).settings.api_key
     if key is None:
         return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not secrets.compare_digest(given.encode(), key.encode()):
-        raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                       headers={"WWW-Authenticate": "Bearer"})
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    is_valid = scheme.lower() == "bearer" and secrets.compare_digest(
+        given.strip().encode(), key.encode()
+    )
+    if not is_valid:
+        raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                       headers={"WWW-Authenticate": 'Bearer realm="sagemaker-llm"'})
 
 
-async def _read_json(request: Request) -> Any:
-    limit = _state(request).settings.max_body_bytes
-    media = request.headers.get("content-type", "application/json").split(";")[0].strip()
-    if media and media.lower() != "application/json" and not media.lower().endswith("+json"):
+async def _read_body(request: Request) -> bytes:
+    settings = _state(request).settings
+    limit = settings.max_body_bytes
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media and media not in ("application/json", "application/jsonlines",
+                               "application/x-ndjson") and not media.endswith("+json"):
         raise ApiError(415, f"content type {media!r} is not supported: send application/json")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, f"content encoding {encoding!r} is not supported: send the body "
+                       "uncompressed")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body is over {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the body is over {limit} bytes")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}") from e
+        async with asyncio.timeout(settings.timeout_request_body):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the body is over {limit} bytes")
+    except TimeoutError as e:
+        raise ApiError(408, f"the body took more than {settings.timeout_request_body:g} s to "
+                       "arrive") from e
+    except ClientDisconnect as e:
+        raise ApiError(499, "the client disconnected while sending the body") from e
+    return bytes(body)
+
+
+# -- invocations ------------------------------------------------------------------------------
 
 
 async def invocations(request: Request) -> Response:
@@ -101,38 +122,56 @@ async def invocations(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    return await _invoke(request, "", expected=ApiKind.COMPLETION)
+    return await _invoke(request, request.headers.get("accept", ""), ApiKind.COMPLETION)
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _invoke(request, "", expected=ApiKind.CHAT)
+    return await _invoke(request, request.headers.get("accept", ""), ApiKind.CHAT)
 
 
-async def _invoke(request: Request, accept: str, expected: ApiKind | None = None) -> Response:
-    _check_api_key(request)
+async def _invoke(request: Request, accept: str, expected: ApiKind | None = None,
+                  force_stream: bool = False) -> Response:
+    request_id = uuid.uuid4().hex
     state = _state(request)
-    job = parse_job(await _read_json(request), state.settings.default_max_new_tokens)
+    try:
+        response = await _run(request, state, request_id, accept, expected, force_stream)
+    except ApiError as e:
+        state.metrics.request_ended("client_gone" if e.status == 499 else
+                                    "error" if e.status >= 500 else "refused")
+        logger.info("request %s: %d %s", request_id, e.status, e.message)
+        raise
+    return response
+
+
+async def _run(request: Request, state: ServerState, request_id: str, accept: str,
+               expected: ApiKind | None, force_stream: bool) -> Response:
+    _check_api_key(request)
+    arrival = time.monotonic()
+    job = parse_job(decode_json(await _read_body(request)), state.settings.default_max_new_tokens)
     if expected is not None and job.kind is not expected:
         field = "messages" if expected is ApiKind.CHAT else "prompt"
         raise ApiError(422, f"this route needs '{field}'", field)
+    is_stream = job.is_stream or force_stream
+    stream_format = choose_format(accept, is_stream, is_openai_route=expected is not None)
     service = await state.get_service()
-    request_id = ("chatcmpl-" if job.kind is ApiKind.CHAT else "cmpl-") + uuid.uuid4().hex
-    streams = await service.start(job, request_id)
+    prefix = "chatcmpl-" if job.kind is ApiKind.CHAT else "cmpl-"
+    streams = await service.start(job, prefix + request_id)
+    timeout = state.settings.request_timeout
+    deadline = arrival + timeout if timeout else None
     model = state.settings.served_model_name
     headers = _echo_headers(request)
-    if job.is_stream:
-        is_jsonlines = any(t in accept.lower() for t in JSONLINES_TYPES)
-        formatter = StreamFormatter(job, request_id, model, service.token_text,
-                                    service.special_ids, is_jsonlines)
-        records = RecordStream(service, streams, formatter)
-        media = "application/jsonlines" if formatter.is_jsonlines else "text/event-stream"
-        return StreamingResponse(records, media_type=media,
+    if is_stream:
+        formatter = StreamFormatter(job, prefix + request_id, model, service.token_text,
+                                    service.special_ids, stream_format is StreamFormat.JSONLINES)
+        records = RecordStream(service, streams, formatter, deadline, state, request_id)
+        return StreamingResponse(records, media_type=stream_format.media_type,
                                  headers={**headers, "Cache-Control": "no-cache"})
-    outputs = await _until_disconnected(request, service.collect(streams))
+    outputs = await _until_disconnected(request, service.collect(streams, deadline))
+    state.metrics.request_ended("finished")
     if job.kind is ApiKind.TGI:
         body: Any = tgi_response(job, outputs, service.token_text, service.special_ids)
     else:
-        body = openai_response(job, outputs, request_id, model, service.token_text)
+        body = openai_response(job, outputs, prefix + request_id, model, service.token_text)
     return JSONResponse(body, headers=headers)
 
 
@@ -161,8 +200,10 @@ async def _disconnected(request: Request) -> None:
 class RecordStream:
     """The bytes of a streamed answer; a failure ends it with an error record and sets `error`."""
 
-    def __init__(self, service: GenerationService, streams: list, formatter: StreamFormatter):
+    def __init__(self, service: GenerationService, streams: list, formatter: StreamFormatter,
+                 deadline: float | None, state: ServerState, request_id: str):
         self.service, self.streams, self.formatter = service, streams, formatter
+        self.deadline, self.state, self.request_id = deadline, state, request_id
         self.error: str | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -170,17 +211,26 @@ class RecordStream:
 
     async def _records(self) -> AsyncIterator[bytes]:
         latest: dict[int, Any] = {}
+        is_done = False
         try:
-            async for index, output in self.service.merged(self.streams):
+            async for index, output in self.service.merged(self.streams, self.deadline):
                 latest[index] = output
                 for record in self.formatter.records(index, output):
                     yield record
             for record in self.formatter.usage_record(list(latest.values())):
                 yield record
+            is_done = True
         except Exception as e:  # noqa: BLE001 - reported in-band: the status is already 200
-            self.error = str(e)
+            error = api_error(e)
+            self.error = error.message if isinstance(error, ApiError) else str(e)
+            logger.info("request %s: stream ended by an error: %s", self.request_id, self.error)
             yield self.formatter.error_record(self.error, {
                 i: out.outputs[0].text for i, out in latest.items()})
+        finally:
+            if not is_done and self.error is None:
+                self.state.metrics.request_ended("client_gone")
+                logger.info("request %s: the client left mid-stream", self.request_id)
+        self.state.metrics.request_ended("finished" if is_done else "error")
         for record in self.formatter.done_record():
             yield record
 
@@ -188,16 +238,17 @@ class RecordStream:
 # -- the SageMaker runtime API ----------------------------------------------------------------
 
 
-async def _inner_invocation(request: Request, accept: str) -> Response:
+async def _inner_invocation(request: Request, accept: str, force_stream: bool) -> Response:
+    _check_api_key(request)  # a 401 is the caller's, not the model's: never wrapped
     try:
-        return await _invoke(request, accept)
+        return await _invoke(request, accept, force_stream=force_stream)
     except ApiError as e:
         body = sagemaker.model_error_body(e.status, e.message)
         return JSONResponse(body, status_code=424, headers={"x-amzn-ErrorType": "ModelError"})
 
 
 async def runtime_invocations(request: Request) -> Response:
-    response = await _inner_invocation(request, request.headers.get("accept", ""))
+    response = await _inner_invocation(request, request.headers.get("accept", ""), False)
     if response.status_code == 200:
         response.headers[sagemaker.VARIANT_HEADER] = sagemaker.DEFAULT_VARIANT
     return response
@@ -205,7 +256,7 @@ async def runtime_invocations(request: Request) -> Response:
 
 async def runtime_invocations_stream(request: Request) -> Response:
     accept = request.headers.get("x-amzn-sagemaker-accept", "")
-    response = await _inner_invocation(request, accept)
+    response = await _inner_invocation(request, accept, True)
     if response.status_code != 200:
         return response
     headers = {

@@ -36,6 +36,14 @@ class ServerSettings:
     default_max_new_tokens: int = 30  # LMI's default for TGI-style requests
     graceful_shutdown_seconds: float = 25.0  # SageMaker kills 30 s after SIGTERM
     log_level: str = "info"
+    request_timeout: float | None = None  # seconds from arrival to the last token; None: none
+    timeout_keep_alive: float = 5.0
+    timeout_request_headers: float = 10.0  # a request's line and headers must arrive in this
+    timeout_request_body: float = 30.0  # and its body in this
+    max_connections: int = 2048  # open connections; idle ones are closed first past it
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -46,6 +54,17 @@ class ServerSettings:
             raise SettingsError("--max-pending-requests must be >= 1")
         if self.first_request_load_timeout <= 0:
             raise SettingsError("--first-request-load-timeout must be > 0")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise SettingsError("--request-timeout must be > 0")
+        for name in ("timeout_keep_alive", "timeout_request_headers", "timeout_request_body"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"--{name.replace('_', '-')} must be > 0")
+        if self.max_connections < 8:
+            raise SettingsError("--max-connections must be at least 8")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise SettingsError("--ssl-keyfile and --ssl-certfile go together")
+        if self.ssl_ca_certs is not None and self.ssl_certfile is None:
+            raise SettingsError("--ssl-ca-certs needs --ssl-keyfile and --ssl-certfile")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--default-max-new-tokens", type=int, default=30,
         help="max_new_tokens of TGI/LMI requests that do not say")
     add("--graceful-shutdown-seconds", type=float, default=25.0,
-        help="on SIGTERM, how long in-flight requests may finish")
+        help="on SIGTERM, how long in-flight requests may finish; open streams then end with "
+        "an error record")
+    add("--request-timeout", type=float, default=None,
+        help="seconds a request may take from arrival to its last token (default: no limit); "
+        "past it a stream ends with an error record, a plain request gets 503")
+    add("--timeout-keep-alive", type=float, default=5.0,
+        help="seconds an idle keep-alive connection stays open")
+    add("--timeout-request-headers", type=float, default=10.0,
+        help="seconds for a request's line and headers to arrive (slow clients are cut off)")
+    add("--timeout-request-body", type=float, default=30.0,
+        help="seconds for a request's body to arrive")
+    add("--max-connections", type=int, default=2048,
+        help="open connections at most (capped by the open-files limit); past it idle "
+        "connections are closed first, then new ones get 503")
+    add("--ssl-keyfile", default=None, help="serve HTTPS with this private key (PEM)")
+    add("--ssl-certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    add("--ssl-ca-certs", default=None,
+        help="CA bundle to verify client certificates against (mutual TLS)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -156,6 +192,11 @@ def parse_settings(
             max_body_bytes=args.max_body_bytes, max_pending_requests=args.max_pending_requests,
             default_max_new_tokens=args.default_max_new_tokens,
             graceful_shutdown_seconds=args.graceful_shutdown_seconds, log_level=args.log_level,
+            request_timeout=args.request_timeout, timeout_keep_alive=args.timeout_keep_alive,
+            timeout_request_headers=args.timeout_request_headers,
+            timeout_request_body=args.timeout_request_body, max_connections=args.max_connections,
+            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
         )
     except ValueError as e:
         raise SettingsError(str(e)) from e

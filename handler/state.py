@@ -7,8 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
-from engine import AsyncLLM, EngineConfig
-from engine.background import BackgroundLoader, LoadState
+from engine import AsyncLLM, BackgroundLoader, EngineConfig, LoadState
 from handler.generation import GenerationService
 from handler.metrics import Metrics
 from handler.protocol import ApiError
@@ -23,6 +22,7 @@ class ServerState:
         self.loader = BackgroundLoader(engine_config)
         self.metrics = Metrics()
         self.service: GenerationService | None = None
+        self.connection_guard: Any = None  # set by the server that runs the app
         self._service_lock = asyncio.Lock()
         self.metrics.watch(self._engine_stats, self.loader.status)
 
@@ -37,6 +37,12 @@ class ServerState:
     def shutdown(self) -> None:
         if self.service is not None:
             self.service.llm.shutdown()
+
+    def cancel_open_requests(self, reason: str) -> None:
+        """End every open request now, each stream with its error record (event loop only)."""
+        if self.service is not None:
+            num = self.service.llm.cancel_all(reason)
+            logger.warning("%s: ending %d open request(s)", reason, num)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/ping's answer: 200 ready, 503 loading, 500 failed or dead (with the reason)."""

@@ -68,6 +68,9 @@ class GGUFSource(WeightSource):
             raise WeightsError(f"{self.uri}: no such GGUF file")
         self._config: dict[str, Any] | None = None
 
+    def total_bytes(self) -> int:
+        return self.path.stat().st_size
+
     def hf_config(self) -> dict[str, Any]:
         if self._config is None:
             from transformers import AutoConfig
@@ -81,7 +84,7 @@ class GGUFSource(WeightSource):
 
         return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
 
-    def _tensors(self, reader: Any, progress: LoadProgress) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensors(self, reader: Any) -> Iterator[tuple[str, torch.Tensor, int]]:
         from gguf.quants import dequantize
 
         config = self.hf_config()
@@ -97,7 +100,8 @@ class GGUFSource(WeightSource):
                 weight = unpermute_rows(weight, num_heads)
             elif permute and name.endswith("k_proj.weight"):
                 weight = unpermute_rows(weight, num_kv_heads)
-            yield name, torch.from_numpy(np.require(weight, requirements=['C', 'W']))
+            yield (name, torch.from_numpy(np.require(weight, requirements=["C", "W"])),
+                   int(tensor.n_bytes))
 
     def load_model(
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,
@@ -106,9 +110,7 @@ class GGUFSource(WeightSource):
         from gguf import GGUFReader
 
         reader = GGUFReader(str(self.path))
-        # Progress counts dequantized bytes: the size of what lands on the device.
-        progress.start(sum(int(np.prod(t.shape)) * 4 for t in reader.tensors))
         model = empty_model(model_cls, config, device, dtype)
-        copy_tensors(model, self._tensors(reader, progress), self.uri, progress)
-        progress.finish()
+        # Progress counts the file's bytes as their tensors are dequantized into place.
+        copy_tensors(model, self._tensors(reader), self.uri, progress)
         return model

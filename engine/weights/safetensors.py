@@ -47,6 +47,9 @@ class SafetensorsSource(WeightSource):
         if not self.files:
             raise WeightsError(f"{self.uri}: no *.safetensors files")
 
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
     def hf_config(self) -> dict[str, Any]:
         return read_json(self.folder / "config.json")
 
@@ -57,18 +60,17 @@ class SafetensorsSource(WeightSource):
     def load_tokenizer(self) -> Any | None:
         return load_folder_tokenizer(self.folder)
 
-    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensors(self) -> Iterator[tuple[str, torch.Tensor, int]]:
         for path in self.files:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
+                    yield name, tensor, tensor.numel() * tensor.element_size()
 
     def load_model(
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,
         progress: LoadProgress,
     ) -> nn.Module:
-        progress.start(sum(p.stat().st_size for p in self.files))
         model = empty_model(model_cls, config, device, dtype)
         copy_tensors(model, self._tensors(), self.uri, progress)
-        progress.finish()
         return model

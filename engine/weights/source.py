@@ -27,10 +27,15 @@ class ConfigMismatchError(WeightsError):
 
 @dataclass
 class LoadProgress:
-    """Observable while a load runs (another thread reads it): bytes, total, throughput."""
+    """Observable while a load runs (another thread reads it): phase, bytes, total, throughput.
+
+    Phases in order: config, tokenizer, weights, kv_cache, then ready. The total is known from
+    the first moment (file sizes, or the S3 object's), so bytes count up from 0 of the total.
+    """
 
     total_bytes: int = 0
     loaded_bytes: int = 0
+    phase: str = "starting"
     started_at: float | None = None
     finished_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -39,6 +44,10 @@ class LoadProgress:
         with self._lock:
             self.total_bytes, self.loaded_bytes = total_bytes, 0
             self.started_at, self.finished_at = time.monotonic(), None
+
+    def set_phase(self, phase: str) -> None:
+        with self._lock:
+            self.phase = phase
 
     def advance(self, num_bytes: int) -> None:
         with self._lock:
@@ -52,6 +61,7 @@ class LoadProgress:
         with self._lock:
             self.loaded_bytes = max(self.loaded_bytes, self.total_bytes)
             self.finished_at = time.monotonic()
+            self.phase = "ready"
 
     @property
     def elapsed_s(self) -> float:
@@ -62,6 +72,7 @@ class LoadProgress:
     def snapshot(self) -> dict[str, Any]:
         elapsed = self.elapsed_s
         return {
+            "phase": self.phase,
             "loaded_bytes": self.loaded_bytes,
             "total_bytes": self.total_bytes,
             "elapsed_s": round(elapsed, 3),
@@ -71,6 +82,10 @@ class LoadProgress:
 
 class WeightSource(ABC):
     uri: str
+
+    @abstractmethod
+    def total_bytes(self) -> int:
+        """Bytes of weights to read, known before reading any (for progress)."""
 
     @abstractmethod
     def hf_config(self) -> dict[str, Any]:
@@ -101,13 +116,14 @@ def empty_model(
 
 
 def copy_tensors(
-    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], uri: str,
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, int]], uri: str,
     progress: LoadProgress,
 ) -> None:
-    """Copy (Hugging Face name, tensor) pairs into `model`; every parameter must be written."""
+    """Copy (Hugging Face name, tensor, bytes read for it) into `model`; every parameter must
+    be written."""
     params = dict(model.named_parameters())
     rows_written = {name: 0 for name in params}
-    for hf_name, tensor in tensors:
+    for hf_name, tensor, num_source_bytes in tensors:
         name, start, num_rows = model.packed_slice(hf_name)
         if name not in params:
             if name == "lm_head.weight" and model.lm_head is None:
@@ -124,7 +140,7 @@ def copy_tensors(
             )
         target.copy_(tensor)
         rows_written[name] += target.shape[0] if target.dim() else 1
-        progress.advance(tensor.numel() * tensor.element_size())
+        progress.advance(num_source_bytes)
     missing = [n for n, p in params.items() if rows_written[n] < (p.shape[0] if p.dim() else 1)]
     if missing:
         raise ConfigMismatchError(f"{uri}: no weights for {', '.join(missing[:5])}")

@@ -73,6 +73,13 @@ class TensorizerSource(WeightSource):
             self._local_dir = Path(self._tmp.name)
         return self._local_dir
 
+    def total_bytes(self) -> int:
+        if self.is_s3:
+            self._files_dir()
+            return self._weights_bytes or 0
+        path = Path(self.uri) / WEIGHTS_FILE
+        return path.stat().st_size if path.exists() else 0
+
     def hf_config(self) -> dict[str, Any]:
         return read_json(self._files_dir() / "config.json")
 
@@ -116,7 +123,6 @@ class TensorizerSource(WeightSource):
         from tensorizer import TensorDeserializer
 
         stream, total_bytes = self._open_weights()
-        progress.start(total_bytes)
         self._check_size(total_bytes)
         with torch.device("meta"):
             model = model_cls(config)
@@ -135,7 +141,6 @@ class TensorizerSource(WeightSource):
             ) from e
         finally:
             stream.close()
-        progress.finish()
         return model
 
     def _check_size(self, total_bytes: int) -> None:

@@ -92,7 +92,9 @@ def test_logprobs_are_the_raw_distribution():
     ("prompt", "params", "message"),
     [
         ([], SamplingParams(), "empty"),
-        ([1, 2, 99999], SamplingParams(), "token ids"),
+        ([1, 2, 99999], SamplingParams(), "99999 is not a token id"),
+        ([1, 2], SamplingParams(stop_token_ids=[-1]), "-1 is not a token id"),
+        ([1, 2], SamplingParams(stop_token_ids=[2**70]), "is not a token id"),
         ([1] * 500, SamplingParams(max_tokens=20), "context length"),
     ],
 )

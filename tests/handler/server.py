@@ -7,12 +7,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
-import uvicorn
 
 from engine import EngineConfig
 from handler.app import build_app
+from handler.server import build_server
 from handler.settings import ServerSettings
 from handler.state import ServerState
 
@@ -21,6 +22,7 @@ from handler.state import ServerState
 class RunningServer:
     url: str
     state: ServerState
+    server: Any = None  # the uvicorn server
 
     def free_blocks(self) -> tuple[int, int]:
         bm = self.state.loader.engine.block_manager
@@ -37,10 +39,12 @@ class RunningServer:
 @contextmanager
 def serve(engine_config: EngineConfig, wait_ready: bool = True, **settings) -> Iterator[
         RunningServer]:
-    app = build_app(ServerSettings(host="127.0.0.1", **settings), engine_config)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                            timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    """The app behind the server `python -m handler` runs (guarded connections, timeouts)."""
+    settings.setdefault("graceful_shutdown_seconds", 5.0)
+    settings.setdefault("log_level", "warning")
+    server_settings = ServerSettings(host="127.0.0.1", **settings)
+    app = build_app(server_settings, engine_config)
+    server = build_server(app, server_settings, port=0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -49,10 +53,11 @@ def serve(engine_config: EngineConfig, wait_ready: bool = True, **settings) -> I
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    running = RunningServer(f"http://127.0.0.1:{port}", app.state.server)
+    scheme = "https" if server_settings.ssl_certfile else "http"
+    running = RunningServer(f"{scheme}://127.0.0.1:{port}", app.state.server, server)
     if wait_ready:
         running.state.loader.wait(120)
-        status = httpx.get(running.url + "/ping").json()
+        status = httpx.get(running.url + "/ping", verify=False).json()
         assert status["status"] == "ready", status
     try:
         yield running
