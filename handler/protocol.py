@@ -228,9 +228,10 @@ def _refuse_unsupported(body: dict, kind: ApiKind) -> None:
 
 
 def _schema_error(error: ValidationError, body: dict) -> ApiError:
-    # The deepest error is the most specific one (of a union's branches, the one that got
-    # furthest into the value).
-    worst = max(error.errors(include_url=False), key=lambda e: len(e["loc"]))
+    # The most specific error: of a union's branches, the one that got furthest into the value,
+    # and there a wrong value rather than a wrong type (the branch the caller meant).
+    worst = max(error.errors(include_url=False),
+                key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
     path = _path(worst["loc"], body, worst["type"] == "missing")
     value = repr(worst.get("input"))
     shown = value if len(value) <= 80 else value[:77] + "..."

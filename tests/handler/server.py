@@ -9,8 +9,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from engine import EngineConfig
 from handler.app import build_app
 from handler.server import build_server
@@ -57,7 +55,7 @@ def serve(engine_config: EngineConfig, wait_ready: bool = True, **settings) -> I
     running = RunningServer(f"{scheme}://127.0.0.1:{port}", app.state.server, server)
     if wait_ready:
         running.state.loader.wait(120)
-        status = httpx.get(running.url + "/ping", verify=False).json()
+        _, status = running.state.health()
         assert status["status"] == "ready", status
     try:
         yield running
