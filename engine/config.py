@@ -33,7 +33,7 @@ class EngineConfig:
     attention_backend: str | None = None  # default: "triton" on CUDA, "torch" on the CPU
     seed: int = 0
     s3_endpoint: str | None = None
-    verify_weights: bool = False  # check tensorizer's per-tensor hashes while loading
+    verify_weights: bool = True  # check tensorizer's per-tensor checksums while loading
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--s3-endpoint", default=None,
         help="S3-compatible endpoint for s3:// models (default: $AWS_ENDPOINT_URL_S3, "
         "$AWS_ENDPOINT_URL, else AWS)")
-    add("--verify-weights", action=argparse.BooleanOptionalAction, default=False,
-        help="check the weights' hashes while loading")
+    add("--verify-weights", action=argparse.BooleanOptionalAction, default=True,
+        help="check the weights' per-tensor checksums while loading (a mismatch fails the "
+        "load); --no-verify-weights skips it")
     add("--load-on-first-request", action=argparse.BooleanOptionalAction, default=False,
         help="serverless mode: /ping is 200 at once, the first invocation loads the model")
     add("--first-request-load-timeout", type=float, default=50.0,

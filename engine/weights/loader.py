@@ -23,7 +23,7 @@ def default_model_path() -> Path:
 
 
 def open_source(
-    model: str, s3_endpoint: str | None = None, verify_hash: bool = False
+    model: str, s3_endpoint: str | None = None, verify_hash: bool = True
 ) -> WeightSource:
     from engine.weights.gguf import GGUFSource
     from engine.weights.safetensors import SafetensorsSource

@@ -17,13 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.weights.s3 import (
-    S3Location,
-    download_files,
-    object_size,
-    s3_client,
-    s3_credentials,
-)
+from engine.weights.s3 import S3Location, download_files, object_size, s3_client
+from engine.weights.s3_reader import S3ObjectReader
 from engine.weights.safetensors import load_folder_tokenizer, read_json
 from engine.weights.source import (
     ConfigMismatchError,
@@ -49,7 +44,7 @@ class CorruptWeightsError(WeightsError):
 
 
 class TensorizerSource(WeightSource):
-    def __init__(self, uri: str, s3_endpoint: str | None = None, verify_hash: bool = False):
+    def __init__(self, uri: str, s3_endpoint: str | None = None, verify_hash: bool = True):
         self.uri = uri.rstrip("/")
         self.s3_endpoint = s3_endpoint
         self.verify_hash = verify_hash
@@ -96,46 +91,49 @@ class TensorizerSource(WeightSource):
 
     # -- the weights ----------------------------------------------------------------------------
 
-    def _open_weights(self) -> tuple[Any, int]:
+    def _open_weights(self) -> tuple[Any, int, int]:
+        """The weights as a file, its size, and how many tensorizer readers to use on it."""
         if not self.is_s3:
             path = self._files_dir() / WEIGHTS_FILE
             if not path.exists():
                 raise WeightsError(f"{self.uri}: no {WEIGHTS_FILE}")
-            return open(path, "rb"), path.stat().st_size  # noqa: SIM115 - closed by the caller
-        from tensorizer.stream_io import open_stream
-
+            file = open(path, "rb")  # noqa: SIM115 - closed by the caller
+            return file, path.stat().st_size, NUM_READERS
         self._files_dir()
-        access_key, secret_key = s3_credentials()
-        endpoint = self.s3_endpoint or self._client.meta.endpoint_url
-        stream = open_stream(
-            f"{self.uri}/{WEIGHTS_FILE}", "rb",
-            s3_access_key_id=access_key,
-            s3_secret_access_key=secret_key,
-            s3_endpoint=endpoint,
-            force_http=endpoint.startswith("http://"),
-        )
-        return stream, self._weights_bytes or 0
+        size = self._weights_bytes or 0
+        # boto3 signs each ranged GET (temporary credentials included) and several are in
+        # flight at once: one tensorizer reader consumes them in order.
+        reader = S3ObjectReader(self._client, S3Location.parse(self.uri), WEIGHTS_FILE, size)
+        return reader, size, 1
 
     def load_model(
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,
         progress: LoadProgress,
     ) -> nn.Module:
         from tensorizer import TensorDeserializer
+        from tensorizer.serialization import HashMismatchError
 
-        stream, total_bytes = self._open_weights()
+        stream, total_bytes, num_readers = self._open_weights()
         self._check_size(total_bytes)
         with torch.device("meta"):
             model = model_cls(config)
         try:
             deserializer = TensorDeserializer(
                 stream, device=device, dtype=dtype, lazy_load=True,
-                num_readers=NUM_READERS, verify_hash=self.verify_hash,
+                num_readers=num_readers, verify_hash=self.verify_hash,
             )
             with deserializer:
                 self._place_tensors(model, deserializer, progress)
         except WeightsError:
             raise
+        except HashMismatchError as e:
+            raise CorruptWeightsError(
+                f"{self.uri}/{WEIGHTS_FILE}: checksum mismatch, the file is corrupted ({e})"
+            ) from e
         except Exception as e:  # noqa: BLE001 - tensorizer's many read errors, one meaning
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, WeightsError):  # a read error of ours, raised in a reader
+                raise cause from e
             raise CorruptWeightsError(
                 f"{self.uri}/{WEIGHTS_FILE}: unreadable ({type(e).__name__}: {e})"
             ) from e

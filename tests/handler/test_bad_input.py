@@ -3,8 +3,9 @@ requests are unharmed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -83,21 +84,26 @@ def test_api_key(tiny_llama_dir):
 
 
 def test_queue_full_is_429_with_retry_after(tiny_llama_dir):
-    with serve(EngineConfig(model=tiny_llama_dir, max_num_seqs=1),
-               max_pending_requests=2) as server:
-
-        async def run() -> list[httpx.Response]:
-            body = {"prompt": [5, 6, 7], "max_tokens": 300, "ignore_eos": True}
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*(
-                    client.post(server.url + "/invocations", json=body) for _ in range(6)
-                ))
-
-        statuses = [r.status_code for r in asyncio.run(run())]
-        assert statuses.count(200) >= 2 and 429 in statuses
-        rejected = next(r for r in asyncio.run(run()) if r.status_code == 429)
-        assert rejected.headers["Retry-After"] == "1"
+    with serve(EngineConfig(model=tiny_llama_dir), max_pending_requests=2) as server:
+        engine = server.state.loader.engine
+        release = threading.Event()
+        real_step = engine.step
+        engine.step = lambda: release.wait(60) and real_step()  # the engine holds still
+        body = {"prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
+        results: list[int] = []
+        pending = [threading.Thread(target=lambda: results.append(
+            _post(server, body).status_code)) for _ in range(2)]
+        for thread in pending:
+            thread.start()
+        while server.state.service is None or server.state.service.llm.num_pending < 2:
+            time.sleep(0.01)
+        rejected = _post(server, body)
+        release.set()
+        for thread in pending:
+            thread.join(60)
+        assert rejected.status_code == 429 and rejected.headers["Retry-After"] == "1"
         assert "overloaded" in rejected.json()["error"]["message"]
+        assert results == [200, 200]
 
 
 def test_unknown_route_and_method_are_json(tiny_server):

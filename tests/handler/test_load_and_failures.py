@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -96,11 +97,16 @@ def test_metrics_match_the_work_done(tiny_llama_dir):
         assert m[("llm_model_load_bytes", ())] > 0
 
 
-def _fail_after(engine, num_steps: int) -> None:
-    """Make the engine's step raise, as a device fault would, after `num_steps` good steps."""
+def _fail_after(engine, num_steps: int, held_until=lambda: True) -> None:
+    """Make the engine's step raise, as a device fault would, after `num_steps` good steps
+    taken once `held_until()` holds (the engine thread waits for it, so no request can finish
+    or be refused before the test has them all in flight)."""
     real_step, calls = engine.step, {"n": 0}
 
     def failing_step():
+        deadline = time.monotonic() + 30
+        while not held_until() and time.monotonic() < deadline:
+            time.sleep(0.01)
         calls["n"] += 1
         if calls["n"] > num_steps:
             raise RuntimeError("simulated device fault")
@@ -111,7 +117,8 @@ def _fail_after(engine, num_steps: int) -> None:
 
 def test_engine_death_fails_ping_and_open_streams(tiny_llama_dir):
     with serve(EngineConfig(model=tiny_llama_dir)) as server:
-        _fail_after(server.state.loader.engine, num_steps=3)
+        _fail_after(server.state.loader.engine, num_steps=3,
+                    held_until=lambda: server.state.service.llm.num_pending >= 2)
         body = {"inputs": "Hello", "stream": True,
                 "parameters": {"max_new_tokens": 50, "ignore_eos": True}}
         waiting: dict = {}
@@ -140,7 +147,8 @@ def test_response_stream_failure_is_a_model_stream_error(tiny_llama_dir):
     from botocore.exceptions import EventStreamError
 
     with serve(EngineConfig(model=tiny_llama_dir)) as server:
-        _fail_after(server.state.loader.engine, num_steps=3)
+        _fail_after(server.state.loader.engine, num_steps=3,
+                    held_until=lambda: server.state.service.llm.num_pending >= 2)
         runtime = boto3.client("sagemaker-runtime", endpoint_url=server.url,
                                region_name="us-east-1", aws_access_key_id="x",
                                aws_secret_access_key="x")

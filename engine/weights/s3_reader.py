@@ -1,0 +1,249 @@
+"""A read-only file over one S3 object: GETs signed by boto3, read in order by one consumer
+(tensorizer's deserializer) while the bytes arrive.
+
+boto3 signs every request with the whole credential chain (a session token included: SageMaker
+execution roles and `sts assume-role` give temporary credentials).
+
+The read starts as one stream over the whole object. If that stream is slower than the wire (its
+rest would take more than `SPLIT_IF_REMAINING_S` at the rate seen so far), the rest is split into
+ranges fetched in parallel, several GETs in flight; a store that is fast per stream but pays a lot
+per request (moto re-reads the whole object for each) keeps its single stream. At most
+`MAX_AHEAD_BYTES` per range wait in memory ahead of the reader (the fetch pauses, TCP holds the
+rest). A connection lost in the middle of a range is resumed from the byte where it broke, a few
+times; past that the error says which byte of which object was lost.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import io
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.weights.s3 import S3Location, translate_error
+from engine.weights.source import WeightsError
+
+logger = logging.getLogger(__name__)
+
+NUM_IN_FLIGHT = 4
+MIN_RANGE_BYTES = 8 << 20
+MAX_AHEAD_BYTES = 64 << 20
+SPLIT_AFTER_S = 0.2  # how long to watch the single stream before deciding
+SPLIT_IF_REMAINING_S = 1.0
+RANGE_BYTES: int | None = None  # fixed ranges from the start (tests); None: adaptive
+MAX_RESUMES = 4
+PIECE_BYTES = 4 << 20
+
+
+class S3ReadError(WeightsError):
+    """The connection to S3 broke in the middle of an object, and resuming did not help."""
+
+
+class _Range:
+    """Bytes [start, end) of the object, streamed in by a fetching thread while the reader
+    consumes them."""
+
+    def __init__(self, start: int, end: int, max_ahead: int):
+        self.start, self.end, self.max_ahead = start, end, max_ahead
+        self.pieces: collections.deque[memoryview] = collections.deque()
+        self.num_buffered = 0
+        self.num_received = 0
+        self.num_consumed = 0
+        self.first_byte_time: float | None = None
+        self.error: BaseException | None = None
+        self.is_abandoned = False
+        self.cond = threading.Condition()
+
+    @property
+    def num_missing(self) -> int:
+        return self.end - self.start - self.num_received
+
+    def put(self, piece: bytes) -> None:
+        with self.cond:
+            while self.num_buffered >= self.max_ahead and not self.is_abandoned:
+                self.cond.wait()
+            piece = memoryview(piece)[: max(0, self.num_missing)]  # the end may have moved
+            if self.first_byte_time is None:
+                self.first_byte_time = time.monotonic()
+            self.pieces.append(piece)
+            self.num_buffered += len(piece)
+            self.num_received += len(piece)
+            self.cond.notify_all()
+
+    def take(self, max_bytes: int) -> memoryview:
+        """Up to `max_bytes` of the next bytes, waiting for them (or the fetch's error)."""
+        with self.cond:
+            while not self.pieces and self.error is None:
+                self.cond.wait()
+            if not self.pieces:
+                raise self.error
+            piece = self.pieces[0]
+            if len(piece) <= max_bytes:
+                self.pieces.popleft()
+            else:
+                piece, self.pieces[0] = piece[:max_bytes], piece[max_bytes:]
+            self.num_buffered -= len(piece)
+            self.num_consumed += len(piece)
+            self.cond.notify_all()
+            return piece
+
+    def shorten(self, end: int) -> None:
+        with self.cond:
+            self.end = max(end, self.start + self.num_received)
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
+            self.error = error
+            self.cond.notify_all()
+
+    def abandon(self) -> None:
+        with self.cond:
+            self.is_abandoned = True
+            self.cond.notify_all()
+
+
+class S3ObjectReader(io.RawIOBase):
+    def __init__(self, client: Any, location: S3Location, name: str, size: int,
+                 num_in_flight: int = NUM_IN_FLIGHT):
+        super().__init__()
+        self.client, self.location, self.name, self.size = client, location, name, size
+        self.uri = location.uri(name)
+        self.num_in_flight = num_in_flight
+        self.num_resumes = 0
+        self._pos = 0
+        self._ranges: list[_Range] = []  # by start, covering the object
+        self._pool = ThreadPoolExecutor(num_in_flight, thread_name_prefix="s3-read")
+        step = RANGE_BYTES or size
+        self._is_split = RANGE_BYTES is not None
+        for start in range(0, max(size, 1), step):
+            self._ranges.append(_Range(start, min(start + step, size), MAX_AHEAD_BYTES))
+        self._num_started = 0
+
+    # -- io.RawIOBase -----------------------------------------------------------------------------
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        num_done = 0
+        while num_done < len(view) and self._pos < self.size:
+            part = self._range_at(self._pos)
+            piece = part.take(min(len(view) - num_done, part.end - self._pos))
+            view[num_done : num_done + len(piece)] = piece
+            num_done += len(piece)
+            self._pos += len(piece)
+        return num_done
+
+    def close(self) -> None:
+        if not self.closed:
+            for part in self._ranges:
+                part.abandon()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
+
+    # -- the ranges -------------------------------------------------------------------------------
+
+    def _range_at(self, pos: int) -> _Range:
+        """The range holding byte `pos`, started (with the next ones) and ready to read there."""
+        self._maybe_split()
+        index = bisect.bisect_right([r.start for r in self._ranges], pos) - 1
+        for stale in self._ranges[:index]:
+            stale.abandon()
+        while self._num_started < min(index + self.num_in_flight, len(self._ranges)):
+            self._pool.submit(self._fetch, self._ranges[self._num_started])
+            self._num_started += 1
+        part = self._ranges[index]
+        if pos != part.start + part.num_consumed:  # a seek: fetch this range again from there
+            part.abandon()
+            part = _Range(pos, part.end, MAX_AHEAD_BYTES)
+            part.num_consumed = 0
+            self._ranges[index] = part
+            self._pool.submit(self._fetch, part)
+        return part
+
+    def _maybe_split(self) -> None:
+        """Once: if the single stream is slower than the wire, fetch its rest in ranges."""
+        first = self._ranges[0]
+        if self._is_split or first.first_byte_time is None:
+            return
+        elapsed = time.monotonic() - first.first_byte_time
+        if elapsed < SPLIT_AFTER_S:
+            return
+        self._is_split = True
+        rate = first.num_received / elapsed
+        missing = first.num_missing
+        if missing < 2 * MIN_RANGE_BYTES or missing < rate * SPLIT_IF_REMAINING_S:
+            return
+        step = max(MIN_RANGE_BYTES, -(-missing // self.num_in_flight))
+        boundary = first.start + first.num_received + step
+        first.shorten(boundary)
+        for start in range(first.end, self.size, step):
+            self._ranges.append(_Range(start, min(start + step, self.size), MAX_AHEAD_BYTES))
+        logger.info("%s: one stream gives %.0f MB/s; the other %d MB in %d ranges", self.uri,
+                    rate / 1e6, (self.size - first.end) >> 20, len(self._ranges) - 1)
+
+    def _fetch(self, part: _Range) -> None:
+        attempt = 0
+        while not part.is_abandoned:
+            try:
+                self._read_range(part)
+                if part.num_missing <= 0 or part.is_abandoned:
+                    return
+                raise ConnectionError("the response ended early")
+            except WeightsError as e:
+                part.fail(e)
+                return
+            except Exception as e:  # noqa: BLE001 - a broken connection: resume where it broke
+                attempt += 1
+                broken_at = part.start + part.num_received
+                if attempt > MAX_RESUMES:
+                    part.fail(S3ReadError(
+                        f"{self.uri}: connection lost at byte {broken_at} of {self.size} "
+                        f"({type(e).__name__}: {e}); resumed {MAX_RESUMES} times"))
+                    return
+                self.num_resumes += 1
+                logger.warning("%s: connection lost at byte %d (%s); resuming", self.uri,
+                               broken_at, type(e).__name__)
+
+    def _read_range(self, part: _Range) -> None:
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        start = part.start + part.num_received
+        # Open-ended while the range may still be shortened by a split; the stream is then
+        # closed at the new end.
+        last = "" if part is self._ranges[0] and not self._is_split else part.end - 1
+        try:
+            response = self.client.get_object(
+                Bucket=self.location.bucket, Key=self.location.key(self.name),
+                Range=f"bytes={start}-{last}",
+            )
+        except (ClientError, EndpointConnectionError) as e:
+            raise translate_error(e, self.uri) from e
+        body = response["Body"]
+        # urllib3's read1: what the socket has (up to a piece), without waiting for a whole
+        # piece, so that the reader and the split decision see bytes as they come.
+        read = body._raw_stream.read1
+        try:
+            while part.num_missing > 0 and not part.is_abandoned:
+                piece = read(min(PIECE_BYTES, part.num_missing))
+                if not piece:
+                    break
+                part.put(piece)
+        finally:
+            body.close()
