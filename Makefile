@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: serve test test-container lint bench clean
+.PHONY: serve test test-container lint bench bench-serving clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+
+# This server against llama.cpp's llama-server (LLAMA_SERVER=its bin folder, made by
+# scripts/bench/build_llama_server.sh) or, without one, transformers; one table.
+bench-serving: $(DEFAULT_MODEL)/model.tensors
+	$(BIN)/python bench/serving.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

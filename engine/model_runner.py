@@ -14,6 +14,7 @@ from torch import nn
 from engine.block_manager import cdiv
 from engine.config import CacheConfig, ModelConfig
 from engine.layers.attention import AttentionBackend, AttentionMetadata
+from engine.layers.linear import can_pack, pack_linears
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import ForwardContext
 from engine.scheduler import ScheduledBatch
@@ -33,6 +34,8 @@ class ModelRunner:
         max_model_len: int, device: torch.device, dtype: torch.dtype, backend: AttentionBackend,
     ):
         self.model, self.config, self.device, self.backend = model, model_config, device, backend
+        if can_pack(device, dtype):
+            logger.info("CPU linears packed for oneDNN: %d", pack_linears(model))
         self.block_size = cache_config.block_size
         c = model_config
         # Zeros, not empty: padded positions are masked out of attention, but NaN garbage there

@@ -39,19 +39,20 @@ def paged_decode_attention_reference(
     context_lens: torch.Tensor,  # [num_seqs], tokens in the cache, the query's own included
     scale: float,
 ) -> torch.Tensor:
-    keys = gather_context(k_cache, block_tables).transpose(1, 2)  # [seqs, kvh, ctx, d]
-    values = gather_context(v_cache, block_tables).transpose(1, 2)
-    positions = torch.arange(keys.shape[2], device=query.device)
-    is_visible = positions[None, :] < context_lens[:, None].to(query.device)  # [seqs, ctx]
-    out = F.scaled_dot_product_attention(
-        query.unsqueeze(2),  # [seqs, heads, 1, d]
-        keys.to(query.dtype),
-        values.to(query.dtype),
-        attn_mask=is_visible[:, None, None, :],
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out.squeeze(2)
+    """Two batched matmuls with the query heads grouped under their KV head. With one query
+    token per sequence this is several times faster on the CPU than SDPA's flash kernel."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    keys = gather_context(k_cache, block_tables).to(query.dtype)  # [seqs, ctx, kvh, d]
+    values = gather_context(v_cache, block_tables).to(query.dtype)
+    grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)).float()  # [seqs, kvh, group, ctx]
+    positions = torch.arange(keys.shape[1], device=query.device)
+    is_hidden = positions[None, :] >= context_lens[:, None].to(query.device)  # [seqs, ctx]
+    scores.mul_(scale).masked_fill_(is_hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    out = torch.matmul(probs, values.transpose(1, 2))  # [seqs, kvh, group, d]
+    return out.view(num_seqs, num_heads, head_dim)
 
 
 def paged_prefill_attention_reference(
