@@ -65,10 +65,13 @@ def wait_ready(url: str, process: subprocess.Popen, path: str = "/ping") -> None
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], path: str, env: dict | None = None) -> Iterator[str]:
+def running(name: str, cmd: list[str], path: str, env: dict | None = None) -> Iterator[str]:
+    """The server of `cmd` started on a free port, its output in the cache's `name`.log."""
     port = free_port()
     cmd = [part.replace("{port}", str(port)) for part in cmd]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    CACHE.mkdir(parents=True, exist_ok=True)
+    log = open(CACHE / f"{name.replace(' ', '-')}.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -80,6 +83,7 @@ def running(cmd: list[str], path: str, env: dict | None = None) -> Iterator[str]
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
 # -- the workload -----------------------------------------------------------------------------
@@ -140,7 +144,9 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], re
 async def run_load(url: str, num_clients: int, requests_per_client: int, model: str) -> Result:
     all_prompts = prompts(num_clients * requests_per_client + 1)
     result = Result()
-    limits = httpx.Limits(max_connections=num_clients + 4)
+    # A new connection per request: llama-server closes idle keep-alive connections, and a
+    # request sent on one just as it closes fails. Loopback connections cost nothing here.
+    limits = httpx.Limits(max_connections=num_clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one_request(client, url, all_prompts[-1], Result(), model)  # warm-up
 
@@ -217,7 +223,7 @@ def transformers_generate(batch_size: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--dtype", nargs="+", default=["float32"])
+    parser.add_argument("--dtype", nargs="*", default=["float32"])
     parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER"),
                         help="folder with llama-server and llama-quantize")
     parser.add_argument("--llama-types", nargs="+", default=["F32"])
@@ -235,7 +241,7 @@ def main() -> None:
                     for k in args.llama_types]
     rows: dict[str, dict[int, Result]] = {}
     for name, cmd, path, env in servers:
-        with running(cmd, path, env) as url:
+        with running(name, cmd, path, env) as url:
             rows[name] = {}
             for n in args.clients:
                 per_client = args.requests_per_client or (4 if n == 1 else 2)

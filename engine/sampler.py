@@ -1,4 +1,5 @@
-"""Per-request sampling over a batch of logits: penalties, temperature, top-k/p, min-p, seeds.
+"""Per-request sampling over a batch of logits: logit bias, penalties, temperature, top-k/p,
+min-p, seeds.
 
 A seeded request draws from its own generator, so its tokens do not depend on the rest of the
 batch. Log-probabilities are those of the model's raw distribution, as vLLM returns by default.
@@ -36,12 +37,20 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = logits.clone()
         for row, seq in enumerate(seqs):
+            self._apply_logit_bias(logits[row], seq)
             self._apply_penalties(logits[row], seq)
             self._apply_min_tokens(logits[row], seq)
         token_ids = self._choose(logits, seqs)
         return [
             self._result(token_ids[row], raw_logprobs, row, seq) for row, seq in enumerate(seqs)
         ]
+
+    def _apply_logit_bias(self, logits: torch.Tensor, seq: Sequence) -> None:
+        bias = seq.params.logit_bias  # ids checked against the vocabulary at the edge
+        if bias:
+            ids = torch.tensor(list(bias), device=logits.device)
+            logits[ids] += torch.tensor(list(bias.values()), dtype=logits.dtype,
+                                        device=logits.device)
 
     def _apply_penalties(self, logits: torch.Tensor, seq: Sequence) -> None:
         p = seq.params

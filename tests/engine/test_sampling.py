@@ -78,6 +78,25 @@ def test_penalties_and_min_tokens():
     assert sampler(logits.clone(), [seq])[0].token_id == 2
 
 
+def test_logit_bias_moves_the_choice_and_not_the_logprobs():
+    sampler = Sampler(eos_token_ids=())
+    logits = torch.tensor([[1.0, 2.0, 3.0, 2.5]])
+    [result] = sampler(logits.clone(), [_seq([0], temperature=0, logprobs=1,
+                                             logit_bias={2: -100.0, 0: 1.0})])
+    assert result.token_id == 3  # 3.0 - 100 < 2.5 > 2.0 = 1.0 + 1.0
+    assert result.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[3]))
+    assert _sample_many(logits[0], 30, temperature=1.0, logit_bias={1: 100.0}) == {1}
+
+
+def test_logit_bias_forces_a_token_through_the_engine(llm):
+    prompt = random_prompts(1, 10, 10, seed=3)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    forced_id = next(t for t in range(5, 100) if t not in free[0].token_ids)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                            logit_bias={forced_id: 100.0})
+    assert llm.generate([prompt], params)[0].token_ids == [forced_id] * 4
+
+
 def test_logprobs_are_the_raw_distribution():
     sampler = Sampler(eos_token_ids=())
     logits = torch.tensor([[1.0, 2.0, 3.0]])

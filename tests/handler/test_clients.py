@@ -96,6 +96,17 @@ def test_openai_completions(client, expected):
     assert "".join(chunk.choices[0].text for chunk in stream) == expected
 
 
+def test_openai_logit_bias_is_honoured(client, tiny_offline):
+    forced = SamplingParams(temperature=0.0, max_tokens=3, logit_bias={42: 100.0})
+    expected_ids = tiny_offline.generate([PROMPT], forced)[0].token_ids
+    assert expected_ids == [42, 42, 42]
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
+                                       logit_bias={"42": 100}, logprobs=0)
+    tokens = result.choices[0].logprobs.tokens
+    assert len(tokens) == 3 and len(set(tokens)) == 1
+    assert result.choices[0].text == tiny_offline.generate([PROMPT], forced)[0].text
+
+
 def test_openai_chat(client, tiny_offline):
     messages = [{"role": "user", "content": "Hello world!"}]
     reference = tiny_offline.chat(messages, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
