@@ -1,6 +1,7 @@
 """Cold load of SmolLM2-135M from a loopback S3 server (moto), by hand; results go in the README.
 
-For bf16 and fp32: tensorizer straight into the engine's model; transformers `from_pretrained`
+For bf16 and fp32: tensorizer straight into the engine's model (with and without checking the
+checksums); transformers `from_pretrained`
 from a local safetensors folder; boto3 download then safetensors load; and the raw read speed of
 the same tensorizer object with parallel ranged GETs (the wire-speed limit here).
 
@@ -65,6 +66,17 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
+def median_load(uri: str, endpoint: str, config: ModelConfig, dtype: torch.dtype,
+                verify: bool) -> float:
+    times = []
+    for _ in range(3):
+        source = TensorizerSource(uri, s3_endpoint=endpoint, verify_hash=verify)
+        seconds, _ = timed(lambda s=source: s.load_model(
+            model_class(config), config, torch.device("cpu"), dtype, LoadProgress()))
+        times.append(seconds)
+    return sorted(times)[1]
+
+
 def hf_folder(dtype: torch.dtype, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -98,6 +110,10 @@ def main() -> None:
             seconds, _ = timed(lambda s=source, c=config, d=dtype: s.load_model(
                 model_class(c), c, torch.device("cpu"), d, LoadProgress()))
             rows.append((name, "tensorizer from S3 into the engine", seconds, size))
+            for verify in (True, False):  # the cost of checksums: medians of 3, interleaved
+                label = "checksums verified" if verify else "checksums not verified"
+                seconds = median_load(uri, endpoint, config, dtype, verify)
+                rows.append((name, f"tensorizer from S3, {label} (median of 3)", seconds, size))
             folder = hf_folder(dtype, Path(tmp) / f"hf-{name}")
             st_file = folder / "model.safetensors"
             seconds, _ = timed(lambda f=folder, d=dtype: AutoModelForCausalLM.from_pretrained(

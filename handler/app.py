@@ -39,6 +39,11 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlett
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", routes.model_info, methods=["GET"]),
+            Route("/", routes.tgi_root, methods=["POST"]),
+            Route("/generate", routes.tgi_generate, methods=["POST"]),
+            Route("/generate_stream", routes.tgi_generate_stream, methods=["POST"]),
+            Route("/info", routes.info, methods=["GET"]),
             Route("/endpoints/{name}/invocations", routes.runtime_invocations,
                   methods=["POST"]),
             Route("/endpoints/{name}/invocations-response-stream",
@@ -54,14 +59,15 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlett
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return routes.error_response(exc)
+    return routes.error_response(exc, request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Unknown routes and methods answer in the same JSON shape as every other error."""
     assert isinstance(exc, HTTPException)
     return routes.error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} "
-                                          f"{request.url.path}", headers=exc.headers))
+                                          f"{request.url.path}", headers=exc.headers),
+                                 request.url.path)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -9,8 +9,9 @@ runtime's `-response-stream` route); the format is `Accept`'s.
 | `application/jsonlines`, `application/jsonl`, `application/x-ndjson` | 406 | JSON lines |
 | anything else | 406 | 406 |
 
-One exception, OpenAI's own convention: on its `/v1/...` routes a streamed `application/json`
-answer is server-sent events (the OpenAI SDK sends `Accept: application/json` and parses SSE).
+One exception, the routes of an API whose streams are always SSE: on OpenAI's `/v1/...` and on
+TGI's own `/` and `/generate_stream`, a streamed `application/json` answer is server-sent events
+(the OpenAI SDK sends `Accept: application/json` and parses SSE).
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ def _media_ranges(accept: str) -> list[str]:
     return [media for _, _, media in sorted(ranges)]
 
 
-def _format_of(media: str, is_stream: bool, is_openai_route: bool) -> StreamFormat | None:
+def _format_of(media: str, is_stream: bool, is_sse_route: bool) -> StreamFormat | None:
     if media in ("*/*", "application/*"):
         return StreamFormat.SSE if is_stream else StreamFormat.JSON
     if media == "application/json":
         if not is_stream:
             return StreamFormat.JSON
-        return StreamFormat.SSE if is_openai_route else StreamFormat.JSONLINES
+        return StreamFormat.SSE if is_sse_route else StreamFormat.JSONLINES
     if is_stream and media in (StreamFormat.SSE.value, "text/*"):
         return StreamFormat.SSE
     if is_stream and media in JSONLINES_TYPES:
@@ -64,12 +65,12 @@ def _format_of(media: str, is_stream: bool, is_openai_route: bool) -> StreamForm
     return None
 
 
-def choose_format(accept: str, is_stream: bool, is_openai_route: bool = False) -> StreamFormat:
+def choose_format(accept: str, is_stream: bool, is_sse_route: bool = False) -> StreamFormat:
     """The answer's format, or a 406 naming what can be produced."""
     if not accept.strip():
         return StreamFormat.SSE if is_stream else StreamFormat.JSON
     for media in _media_ranges(accept):
-        chosen = _format_of(media, is_stream, is_openai_route)
+        chosen = _format_of(media, is_stream, is_sse_route)
         if chosen is not None:
             return chosen
     can = ("text/event-stream, application/jsonlines or application/json" if is_stream

@@ -21,6 +21,7 @@ from engine import SamplingParams
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
+MAX_PROMPTS = 64  # prompts in one body (a TGI/LMI batch or a completion's list)
 INT64_MAX = 2**63 - 1
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
@@ -95,7 +96,8 @@ class TGIParameters(_Sampling):
 
 
 class TGIRequest(_Strict):
-    inputs: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=64)]
+    inputs: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1,
+                                                             max_length=MAX_PROMPTS)]
     parameters: TGIParameters | None = None
     stream: bool = False
 
@@ -125,8 +127,8 @@ PromptIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(_OpenAICommon):
-    prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=64)]
-             | PromptIds | Annotated[list[PromptIds], Field(min_length=1, max_length=64)])
+    prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | PromptIds | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     max_tokens: MaxTokens | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False

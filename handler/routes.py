@@ -1,5 +1,6 @@
-"""HTTP routes: the SageMaker contract (/ping, /invocations), OpenAI (/v1/...), the SageMaker
-runtime API (/endpoints/{name}/...), /metrics and /health."""
+"""HTTP routes: the SageMaker contract (/ping, /invocations), OpenAI (/v1/...), TGI's own routes
+(/, /generate, /generate_stream, /info, /health), the SageMaker runtime API
+(/endpoints/{name}/...) and /metrics."""
 
 from __future__ import annotations
 
@@ -9,16 +10,25 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from handler import sagemaker
+from engine import LoadState
+from handler import __version__, sagemaker
 from handler.formats import StreamFormat, choose_format
 from handler.generation import GenerationService, api_error
-from handler.protocol import ApiError, ApiKind, decode_json, parse_job
+from handler.protocol import (
+    MAX_PROMPTS,
+    MAX_STOP_SEQUENCES,
+    ApiError,
+    ApiKind,
+    decode_json,
+    parse_job,
+)
 from handler.responses import StreamFormatter, openai_response, tgi_response
 from handler.state import ServerState
 
@@ -32,10 +42,19 @@ ERROR_TYPES = {
 }
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": error.message,
-                      "type": ERROR_TYPES.get(error.status, "InternalServerError"),
-                      "param": error.param, "code": error.status}}
+# TGI's own routes answer errors in TGI's shape: {"error": message, "error_type": kind}.
+TGI_PATHS = ("/", "/generate", "/generate_stream")
+TGI_ERROR_TYPES = {422: "validation", 400: "validation", 429: "overloaded", 413: "validation"}
+
+
+def error_response(error: ApiError, path: str = "") -> JSONResponse:
+    if path in TGI_PATHS:
+        body: dict[str, Any] = {"error": error.message,
+                                "error_type": TGI_ERROR_TYPES.get(error.status, "generation")}
+    else:
+        body = {"error": {"message": error.message,
+                          "type": ERROR_TYPES.get(error.status, "InternalServerError"),
+                          "param": error.param, "code": error.status}}
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -67,6 +86,40 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "sagemaker-llm"}
     ]})
+
+
+async def model_info(request: Request) -> Response:
+    """`GET /v1/models/{id}`: the served model, or OpenAI's 404 for any other id."""
+    _check_api_key(request)
+    _check_model(request, request.path_params["model_id"], "model_id")
+    return JSONResponse({"id": request.path_params["model_id"], "object": "model", "created": 0,
+                         "owned_by": "sagemaker-llm"})
+
+
+def _check_model(request: Request, model: str | None, param: str = "model") -> None:
+    served = _state(request).settings.served_model_name
+    if model is not None and model != served:
+        raise ApiError(404, f"the model {model!r} does not exist: this server serves {served!r}",
+                       param)
+
+
+async def info(request: Request) -> Response:
+    """TGI's `GET /info`: what the router would say of its model and limits."""
+    state = _state(request)
+    engine = state.loader.engine if state.loader.state is LoadState.READY else None
+    max_total = engine.max_model_len if engine is not None else None
+    return JSONResponse({
+        "model_id": state.settings.served_model_name, "model_sha": None,
+        "model_dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
+        "model_device_type": engine.device.type if engine else None,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": state.settings.max_pending_requests,
+        "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,
+        "max_input_tokens": None if max_total is None else max_total - 1,
+        "max_total_tokens": max_total,
+        "validation_workers": 1, "max_client_batch_size": MAX_PROMPTS,
+        "router": "sagemaker-llm", "version": __version__, "sha": None, "docker_label": None,
+    })
 
 
 # -- reading a request ------------------------------------------------------------------------
@@ -117,24 +170,59 @@ async def _read_body(request: Request) -> bytes:
 # -- invocations ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RouteStyle:
+    """How a route reads and answers a body."""
+
+    expected: ApiKind | None = None  # the one request shape the route takes (None: any)
+    stream: bool | None = None  # None: the body's "stream" decides; True/False: forced
+    is_sse_route: bool = False  # its API always streams SSE (see handler.formats)
+    is_single_object: bool = False  # TGI's /generate: one object, not a list
+    # OpenAI's routes answer 404 to a `model` they do not serve (as vLLM does). /invocations and
+    # the runtime routes do not: there SageMaker has already chosen the model, and clients
+    # (LiteLLM, the SDKs) fill `model` with whatever names the endpoint on their side.
+    checks_model: bool = False
+
+
+ANY = RouteStyle()
+OPENAI_COMPLETION = RouteStyle(ApiKind.COMPLETION, is_sse_route=True, checks_model=True)
+OPENAI_CHAT = RouteStyle(ApiKind.CHAT, is_sse_route=True, checks_model=True)
+TGI_ROOT = RouteStyle(ApiKind.TGI, is_sse_route=True)
+TGI_GENERATE = RouteStyle(ApiKind.TGI, stream=False, is_single_object=True)
+TGI_GENERATE_STREAM = RouteStyle(ApiKind.TGI, stream=True, is_sse_route=True)
+RUNTIME_STREAM = RouteStyle(stream=True)
+REQUIRED_FIELD = {ApiKind.CHAT: "messages", ApiKind.COMPLETION: "prompt", ApiKind.TGI: "inputs"}
+
+
 async def invocations(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""))
+    return await _invoke(request, request.headers.get("accept", ""), ANY)
 
 
 async def completions(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), ApiKind.COMPLETION)
+    return await _invoke(request, request.headers.get("accept", ""), OPENAI_COMPLETION)
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), ApiKind.CHAT)
+    return await _invoke(request, request.headers.get("accept", ""), OPENAI_CHAT)
 
 
-async def _invoke(request: Request, accept: str, expected: ApiKind | None = None,
-                  force_stream: bool = False) -> Response:
+async def tgi_root(request: Request) -> Response:
+    return await _invoke(request, request.headers.get("accept", ""), TGI_ROOT)
+
+
+async def tgi_generate(request: Request) -> Response:
+    return await _invoke(request, request.headers.get("accept", ""), TGI_GENERATE)
+
+
+async def tgi_generate_stream(request: Request) -> Response:
+    return await _invoke(request, request.headers.get("accept", ""), TGI_GENERATE_STREAM)
+
+
+async def _invoke(request: Request, accept: str, style: RouteStyle) -> Response:
     request_id = uuid.uuid4().hex
     state = _state(request)
     try:
-        response = await _run(request, state, request_id, accept, expected, force_stream)
+        response = await _run(request, state, request_id, accept, style)
     except ApiError as e:
         state.metrics.request_ended("client_gone" if e.status == 499 else
                                     "error" if e.status >= 500 else "refused")
@@ -144,15 +232,17 @@ async def _invoke(request: Request, accept: str, expected: ApiKind | None = None
 
 
 async def _run(request: Request, state: ServerState, request_id: str, accept: str,
-               expected: ApiKind | None, force_stream: bool) -> Response:
+               style: RouteStyle) -> Response:
     _check_api_key(request)
     arrival = time.monotonic()
     job = parse_job(decode_json(await _read_body(request)), state.settings.default_max_new_tokens)
-    if expected is not None and job.kind is not expected:
-        field = "messages" if expected is ApiKind.CHAT else "prompt"
+    if style.expected is not None and job.kind is not style.expected:
+        field = REQUIRED_FIELD[style.expected]
         raise ApiError(422, f"this route needs '{field}'", field)
-    is_stream = job.is_stream or force_stream
-    stream_format = choose_format(accept, is_stream, is_openai_route=expected is not None)
+    if style.checks_model:
+        _check_model(request, job.model)
+    is_stream = job.is_stream if style.stream is None else style.stream
+    stream_format = choose_format(accept, is_stream, is_sse_route=style.is_sse_route)
     service = await state.get_service()
     prefix = "chatcmpl-" if job.kind is ApiKind.CHAT else "cmpl-"
     streams = await service.start(job, prefix + request_id)
@@ -170,6 +260,8 @@ async def _run(request: Request, state: ServerState, request_id: str, accept: st
     state.metrics.request_ended("finished")
     if job.kind is ApiKind.TGI:
         body: Any = tgi_response(job, outputs, service.token_text, service.special_ids)
+        if style.is_single_object:
+            body = body[0]
     else:
         body = openai_response(job, outputs, prefix + request_id, model, service.token_text)
     return JSONResponse(body, headers=headers)
@@ -241,7 +333,7 @@ class RecordStream:
 async def _inner_invocation(request: Request, accept: str, force_stream: bool) -> Response:
     _check_api_key(request)  # a 401 is the caller's, not the model's: never wrapped
     try:
-        return await _invoke(request, accept, force_stream=force_stream)
+        return await _invoke(request, accept, RUNTIME_STREAM if force_stream else ANY)
     except ApiError as e:
         body = sagemaker.model_error_body(e.status, e.message)
         return JSONResponse(body, status_code=424, headers={"x-amzn-ErrorType": "ModelError"})

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 ROUTES = ("/invocations", "/v1/completions", "/v1/chat/completions",
-          "/endpoints/e/invocations", "/endpoints/e/invocations-response-stream")
+          "/endpoints/e/invocations", "/endpoints/e/invocations-response-stream",
+          "/", "/generate", "/generate_stream")
 
 GOOD = {
     "/invocations": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
@@ -121,6 +122,9 @@ def test_no_body_gets_a_5xx(tiny_server, route):
         if status == 424:  # the runtime's ModelError around the container's own 4xx
             assert 400 <= error["OriginalStatusCode"] < 500, (name, error)
             message = error["OriginalMessage"]
+        elif route in ("/", "/generate", "/generate_stream"):  # TGI's error shape
+            assert error["error_type"] in ("validation", "generation", "overloaded"), error
+            message = error["error"]
         else:
             message = error["error"]["message"]
         assert message and "internal" not in message.lower(), (name, message)
