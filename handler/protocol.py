@@ -21,6 +21,7 @@ from engine import SamplingParams
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
+MAX_TOP_N_TOKENS = 20  # TGI's top_n_tokens and OpenAI's logprobs alike
 MAX_PROMPTS = 64  # prompts in one body (a TGI/LMI batch or a completion's list)
 INT64_MAX = 2**63 - 1
 
@@ -90,6 +91,7 @@ class TGIParameters(_Sampling):
     return_full_text: bool | None = None
     details: bool | None = None
     truncate: Annotated[int, Field(ge=1)] | None = None
+    top_n_tokens: Annotated[int, Field(ge=0, le=MAX_TOP_N_TOKENS)] | None = None
     watermark: Literal[False] | None = None
     typical_p: Literal[1.0] | None = None  # accepted only as "off"
     best_of: Literal[1] | None = None
@@ -165,7 +167,7 @@ UNSUPPORTED_FIELDS = {
                    "guided_regex", "guided_choice", "guided_grammar"),
     ApiKind.COMPLETION: ("suffix", "response_format", "guided_json", "guided_regex",
                          "guided_choice", "guided_grammar"),
-    ApiKind.TGI: ("grammar", "adapter_id", "top_n_tokens", "decoder_input_details"),
+    ApiKind.TGI: ("grammar", "adapter_id", "decoder_input_details"),
 }
 
 
@@ -187,6 +189,7 @@ class Job:
     chat_logprobs: bool = False
     model: str | None = None
     truncate: int | None = None  # TGI: keep only the last N prompt tokens
+    top_n_tokens: int = 0  # TGI: the most likely tokens at each step, beside the chosen one
 
 
 def decode_json(body: bytes) -> Any:
@@ -293,12 +296,13 @@ def _parse_tgi(request: TGIRequest, default_max_new_tokens: int) -> Job:
     extra: dict[str, Any] = {} if is_sampled else {"temperature": 0.0}
     params = _params(p, p.max_new_tokens or default_max_new_tokens, "parameters.",
                      stop=_stops(p.stop, p.stop_sequences),
-                     logprobs=0 if p.details else None, **extra)
+                     logprobs=p.top_n_tokens or (0 if p.details else None), **extra)
     is_batch = isinstance(request.inputs, list)
     return Job(
         ApiKind.TGI, list(request.inputs) if is_batch else [request.inputs], params,
         is_stream=request.stream, is_batch=is_batch, details=bool(p.details),
         return_full_text=bool(p.return_full_text), truncate=p.truncate,
+        top_n_tokens=p.top_n_tokens or 0,
     )
 
 

@@ -28,6 +28,13 @@ def _tgi_tokens(c: CompletionOutput, token_text: TokenText, special_ids: set[int
     ]
 
 
+def _tgi_top_tokens(entry: dict, token_text: TokenText, special_ids: set[int]) -> list[dict]:
+    """TGI's `top_tokens` of one step: the most likely tokens, most likely first."""
+    ranked = sorted(entry["top_logprobs"].items(), key=lambda item: -item[1])
+    return [{"id": t, "text": token_text(t), "logprob": lp, "special": t in special_ids}
+            for t, lp in ranked]
+
+
 def tgi_response(job: Job, outputs: list[RequestOutput], token_text: TokenText,
                  special_ids: set[int]) -> list[dict]:
     results = []
@@ -43,6 +50,9 @@ def tgi_response(job: Job, outputs: list[RequestOutput], token_text: TokenText,
                 "prefill": [],
                 "tokens": _tgi_tokens(c, token_text, special_ids),
             }
+            if job.top_n_tokens:
+                item["details"]["top_tokens"] = [
+                    _tgi_top_tokens(e, token_text, special_ids) for e in c.logprobs or []]
         results.append(item)
     return results
 
@@ -153,6 +163,9 @@ class StreamFormatter:
             },
             "generated_text": None, "details": None,
         }
+        if self.job.top_n_tokens and c.delta_logprobs:
+            record["top_tokens"] = _tgi_top_tokens(c.delta_logprobs[-1], self.token_text,
+                                                   self.special_ids)
         if c.is_finished:
             prefix = (out.prompt or "") if self.job.return_full_text else ""
             record["generated_text"] = prefix + c.text

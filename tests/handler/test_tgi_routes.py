@@ -55,6 +55,26 @@ def test_inference_client_stream(client, expected):
     assert all(e.details is None for e in events[:-1])
 
 
+def test_top_n_tokens_are_the_engines_top_logprobs(client, tiny_offline, expected):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=3)
+    steps = tiny_offline.generate([PROMPT], params)[0].outputs[0].logprobs
+    top_ids = [list(step["top_logprobs"]) for step in steps]
+    result = client.text_generation(PROMPT, max_new_tokens=MAX_TOKENS, details=True,
+                                    top_n_tokens=3)
+    assert result.generated_text == expected.text
+    assert [[_id(t) for t in top] for top in result.details.top_tokens] == top_ids
+    assert all(_id(top[0]) == chosen for top, chosen in
+               zip(result.details.top_tokens, expected.token_ids, strict=True))
+    events = list(client.text_generation(PROMPT, max_new_tokens=MAX_TOKENS, stream=True,
+                                         details=True, top_n_tokens=3))
+    assert [[_id(t) for t in e.top_tokens] for e in events] == top_ids
+
+
+def _id(token) -> int:
+    # the client leaves the lists nested in `details.top_tokens` as plain dicts
+    return token["id"] if isinstance(token, dict) else token.id
+
+
 def test_generate_answers_one_object_and_root_a_list(tiny_server, expected):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": MAX_TOKENS}}
     one = httpx.post(tiny_server.url + "/generate", json=body, timeout=30)
@@ -82,8 +102,9 @@ def test_tgi_routes_answer_errors_in_tgi_shape(tiny_server, client):
     wrong_shape = httpx.post(tiny_server.url + "/generate", json={"prompt": PROMPT})
     assert wrong_shape.status_code == 422 and "inputs" in wrong_shape.json()["error"]
     # the client turns TGI's error shape into its own exception types
-    with pytest.raises(TextGenerationValidationError, match="top_n_tokens"):
-        client.text_generation(PROMPT, max_new_tokens=MAX_TOKENS, top_n_tokens=3)
+    with pytest.raises(TextGenerationValidationError, match="decoder_input_details"):
+        client.text_generation(PROMPT, max_new_tokens=MAX_TOKENS, details=True,
+                               decoder_input_details=True)
 
 
 def test_info_describes_the_model_and_limits(tiny_server, tiny_offline):
