@@ -201,6 +201,22 @@ def decode_json(body: bytes) -> Any:
         raise ApiError(400, f"the body is not valid JSON: {e}") from e
 
 
+def decode_records(body: bytes) -> list[Any]:
+    """The body's JSON value; or, for SageMaker Batch Transform (SplitType=Line with
+    BatchStrategy=MultiRecord), one value per line when the body is several JSON documents, one
+    per line (as application/jsonlines or application/json alike)."""
+    try:
+        return [decode_json(body)]
+    except ApiError as whole_error:
+        lines = [line for line in body.splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise
+        try:
+            return [decode_json(line) for line in lines]
+        except ApiError:
+            raise whole_error from None
+
+
 def parse_job(body: Any, default_max_new_tokens: int) -> Job:
     if not isinstance(body, dict):
         raise invalid("body", "must be a JSON object")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -26,7 +27,9 @@ from handler.protocol import (
     MAX_STOP_SEQUENCES,
     ApiError,
     ApiKind,
+    Job,
     decode_json,
+    decode_records,
     parse_job,
 )
 from handler.responses import StreamFormatter, openai_response, tgi_response
@@ -235,7 +238,13 @@ async def _run(request: Request, state: ServerState, request_id: str, accept: st
                style: RouteStyle) -> Response:
     _check_api_key(request)
     arrival = time.monotonic()
-    job = parse_job(decode_json(await _read_body(request)), state.settings.default_max_new_tokens)
+    timeout = state.settings.request_timeout
+    deadline = arrival + timeout if timeout else None
+    body = await _read_body(request)
+    records = decode_records(body) if style == ANY else [decode_json(body)]
+    if len(records) > 1:
+        return await _run_records(request, state, request_id, records, deadline)
+    job = parse_job(records[0], state.settings.default_max_new_tokens)
     if style.expected is not None and job.kind is not style.expected:
         field = REQUIRED_FIELD[style.expected]
         raise ApiError(422, f"this route needs '{field}'", field)
@@ -246,8 +255,6 @@ async def _run(request: Request, state: ServerState, request_id: str, accept: st
     service = await state.get_service()
     prefix = "chatcmpl-" if job.kind is ApiKind.CHAT else "cmpl-"
     streams = await service.start(job, prefix + request_id)
-    timeout = state.settings.request_timeout
-    deadline = arrival + timeout if timeout else None
     model = state.settings.served_model_name
     headers = _echo_headers(request)
     if is_stream:
@@ -258,13 +265,48 @@ async def _run(request: Request, state: ServerState, request_id: str, accept: st
                                  headers={**headers, "Cache-Control": "no-cache"})
     outputs = await _until_disconnected(request, service.collect(streams, deadline))
     state.metrics.request_ended("finished")
+    body = _render(job, outputs, prefix + request_id, model, service)
+    return JSONResponse(body[0] if style.is_single_object else body, headers=headers)
+
+
+def _render(job: Job, outputs: list, request_id: str, model: str,
+            service: GenerationService) -> Any:
     if job.kind is ApiKind.TGI:
-        body: Any = tgi_response(job, outputs, service.token_text, service.special_ids)
-        if style.is_single_object:
-            body = body[0]
-    else:
-        body = openai_response(job, outputs, prefix + request_id, model, service.token_text)
-    return JSONResponse(body, headers=headers)
+        return tgi_response(job, outputs, service.token_text, service.special_ids)
+    return openai_response(job, outputs, request_id, model, service.token_text)
+
+
+async def _run_records(request: Request, state: ServerState, request_id: str,
+                       records: list[Any], deadline: float | None) -> Response:
+    """Batch Transform's multi-record body: every record runs at once, and the answer is one
+    JSON line per record, in order (the transform job joins them line by line)."""
+    jobs = []
+    for number, record in enumerate(records, 1):
+        try:
+            jobs.append(parse_job(record, state.settings.default_max_new_tokens))
+        except ApiError as e:
+            raise ApiError(e.status, f"record {number}: {e.message}", e.param) from e
+    if any(job.is_stream for job in jobs):
+        raise ApiError(400, "a body of several JSON records (Batch Transform) cannot stream",
+                       "stream")
+    service = await state.get_service()
+    started: list[list] = []
+    try:
+        for number, job in enumerate(jobs, 1):
+            started.append(await service.start(job, f"batch-{request_id}-{number}"))
+    except BaseException:
+        for streams in started:
+            for stream in streams:
+                stream.abort()
+        raise
+    outputs = await _until_disconnected(request, asyncio.gather(
+        *(service.collect(streams, deadline) for streams in started)))
+    state.metrics.request_ended("finished")
+    model = state.settings.served_model_name
+    lines = [json.dumps(_render(job, out, f"batch-{request_id}-{number}", model, service))
+             for number, (job, out) in enumerate(zip(jobs, outputs, strict=True), 1)]
+    return Response("\n".join(lines) + "\n", media_type="application/jsonlines",
+                    headers=_echo_headers(request))
 
 
 def _echo_headers(request: Request) -> dict[str, str]:
