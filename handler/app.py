@@ -44,6 +44,7 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlett
             Route("/generate", routes.tgi_generate, methods=["POST"]),
             Route("/generate_stream", routes.tgi_generate_stream, methods=["POST"]),
             Route("/info", routes.info, methods=["GET"]),
+            Route("/openapi.json", routes.openapi, methods=["GET"]),
             Route("/endpoints/{name}/invocations", routes.runtime_invocations,
                   methods=["POST"]),
             Route("/endpoints/{name}/invocations-response-stream",

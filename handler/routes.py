@@ -22,6 +22,7 @@ from engine import LoadState
 from handler import __version__, sagemaker
 from handler.formats import StreamFormat, choose_format
 from handler.generation import GenerationService, api_error
+from handler.openapi import openapi_document
 from handler.protocol import (
     MAX_PROMPTS,
     MAX_STOP_SEQUENCES,
@@ -89,6 +90,10 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [
         {"id": name, "object": "model", "created": 0, "owned_by": "sagemaker-llm"}
     ]})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document(__version__))
 
 
 async def model_info(request: Request) -> Response:

@@ -126,3 +126,27 @@ def test_openai_model_routes_know_what_is_served(tiny_server):
     assert refused.status_code == 404 and refused.json()["error"]["param"] == "model"
     # /invocations serves whatever the body names: SageMaker already chose the model
     assert httpx.post(tiny_server.url + "/invocations", json=body, timeout=30).status_code == 200
+
+
+def test_openapi_describes_what_the_server_accepts(tiny_server):
+    from jsonschema.exceptions import ValidationError
+    from openapi_schema_validator import OAS31Validator
+    from openapi_spec_validator import validate
+
+    doc = httpx.get(tiny_server.url + "/openapi.json").json()
+    validate(doc)  # a valid OpenAPI 3.1 document
+    served = {route.path.replace(":path}", "}") for route in tiny_server.server.config.app.routes}
+    assert served - {"/openapi.json"} == set(doc["paths"])
+
+    def body_schema(path: str) -> OAS31Validator:
+        schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        return OAS31Validator({**schema["schema"], "components": doc["components"]})
+
+    body_schema("/v1/completions").validate({"prompt": "Hi", "max_tokens": 2})
+    body_schema("/generate").validate({"inputs": "Hi", "parameters": {"top_n_tokens": 2}})
+    body_schema("/invocations").validate({"messages": [{"role": "user", "content": "Hi"}]})
+    for path, body in (("/v1/completions", {"max_tokens": 2}),
+                       ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 0}})):
+        with pytest.raises(ValidationError):
+            body_schema(path).validate(body)
+        assert httpx.post(tiny_server.url + path, json=body).status_code == 422  # server too
