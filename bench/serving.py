@@ -245,7 +245,8 @@ def main() -> None:
             rows[name] = {}
             for n in args.clients:
                 per_client = args.requests_per_client or (4 if n == 1 else 2)
-                rows[name][n] = asyncio.run(run_load(url, n, per_client, "default"))
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                rows[name][n] = asyncio.run(run_load(url, n, per_client, model))
                 r = rows[name][n]
                 print(f"  {name}, {n} clients: {r.tok_s:.1f} tok/s", file=sys.stderr)
     reference = next((n for n in rows if n.startswith("llama-server")), None)
