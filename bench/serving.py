@@ -174,7 +174,8 @@ def percentile(values: list[float], q: float) -> float:
 def ours(dtype: str, extra: list[str]) -> tuple[list[str], str, dict]:
     model = Path(__file__).resolve().parents[1] / ".cache/models/smollm2"
     cmd = [sys.executable, "-m", "handler", "--model", str(model), "--host", "127.0.0.1",
-           "--port", "{port}", "--max-model-len", "2048", "--max-num-seqs", "64",
+           "--port", "{port}", "--max-model-len", str(max(2048, PROMPT_TOKENS + NEW_TOKENS)),
+           "--max-num-seqs", "64",
            "--dtype", dtype, "--log-level", "warning", *extra]
     return cmd, "/ping", {}
 
@@ -221,6 +222,7 @@ def transformers_generate(batch_size: int) -> float:
 
 
 def main() -> None:
+    global PROMPT_TOKENS  # the workload's prompt length, set once from the command line
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--dtype", nargs="*", default=["float32"])
@@ -232,7 +234,10 @@ def main() -> None:
                         help="default: 4 for one client, 2 for more")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="flags for this server")
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                        help="prompt length (TTFT against prompt length)")
     args = parser.parse_args()
+    PROMPT_TOKENS = args.prompt_tokens
     print(f"# {time.strftime('%Y-%m-%d')}, {cpu_name()}")
     print(f"# prompts {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, streamed")
     servers = [(f"this server {d}", *ours(d, args.extra)) for d in args.dtype]
