@@ -129,6 +129,15 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(tiny_llama_dir):
             return real_step()
 
         engine.step = held_step
+        guard = server.server.config.http.guard
+        all_busy, real_set_idle = threading.Event(), guard.set_idle
+
+        def counting_set_idle(connection, is_idle: bool) -> None:
+            real_set_idle(connection, is_idle)
+            if sum(since is None for since in guard.idle_since.values()) >= 8:
+                all_busy.set()
+
+        guard.set_idle = counting_set_idle
         body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
         results: list[int] = []
         workers = [threading.Thread(target=lambda: results.append(httpx.post(
@@ -138,11 +147,7 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(tiny_llama_dir):
             worker.start()
         try:
             assert held.wait(GENEROUS)
-            guard = server.server.config.http.guard
-            deadline = time.monotonic() + GENEROUS
-            while sum(s is None for s in guard.idle_since.values()) < 8:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            assert all_busy.wait(GENEROUS), "the 8 requests never all held a connection"
             refused = httpx.get(server.url + "/ping", timeout=GENEROUS)
             assert refused.status_code == 503
             assert "too many connections" in refused.json()["error"]["message"]
