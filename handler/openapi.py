@@ -3,6 +3,7 @@ validate the requests (so the description cannot drift from what the server acce
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -58,6 +59,7 @@ def _get(summary: str) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {"200": {"description": summary}}}}
 
 
+@lru_cache(maxsize=1)  # the same for the process's life: built once, on the first ask
 def openapi_document(version: str) -> dict[str, Any]:
     _, schemas = models_json_schema([(m, "validation") for m in REQUEST_MODELS],
                                     ref_template="#/components/schemas/{model}")

@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,28 +202,19 @@ RUNTIME_STREAM = RouteStyle(stream=True)
 REQUIRED_FIELD = {ApiKind.CHAT: "messages", ApiKind.COMPLETION: "prompt", ApiKind.TGI: "inputs"}
 
 
-async def invocations(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), ANY)
+def _generation_endpoint(style: RouteStyle) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await _invoke(request, request.headers.get("accept", ""), style)
+
+    return endpoint
 
 
-async def completions(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), OPENAI_COMPLETION)
-
-
-async def chat_completions(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), OPENAI_CHAT)
-
-
-async def tgi_root(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), TGI_ROOT)
-
-
-async def tgi_generate(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), TGI_GENERATE)
-
-
-async def tgi_generate_stream(request: Request) -> Response:
-    return await _invoke(request, request.headers.get("accept", ""), TGI_GENERATE_STREAM)
+invocations = _generation_endpoint(ANY)
+completions = _generation_endpoint(OPENAI_COMPLETION)
+chat_completions = _generation_endpoint(OPENAI_CHAT)
+tgi_root = _generation_endpoint(TGI_ROOT)
+tgi_generate = _generation_endpoint(TGI_GENERATE)
+tgi_generate_stream = _generation_endpoint(TGI_GENERATE_STREAM)
 
 
 async def _invoke(request: Request, accept: str, style: RouteStyle) -> Response:
