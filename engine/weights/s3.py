@@ -54,17 +54,6 @@ def s3_client(endpoint: str | None = None) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
-def s3_credentials() -> tuple[str | None, str | None]:
-    """Access key and secret from boto3's usual chain (env, files, instance role)."""
-    import boto3
-
-    credentials = boto3.session.Session().get_credentials()
-    if credentials is None:
-        return None, None
-    frozen = credentials.get_frozen_credentials()
-    return frozen.access_key, frozen.secret_key
-
-
 def translate_error(error: Exception, uri: str) -> WeightsError:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
