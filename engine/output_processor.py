@@ -27,7 +27,6 @@ class _SeqState:
     wants_logprobs: bool
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_reported: int = 0
@@ -121,14 +120,14 @@ class OutputProcessor:
             state.metrics.first_token_time = now
         seq.token_ids.append(out.token_id)
         if out.logprob is not None and seq.wants_logprobs:
-            seq.cumulative_logprob += out.logprob
             seq.logprobs.append({"token_id": out.token_id, "logprob": out.logprob,
                                  "top_logprobs": out.top_logprobs or {}})
-        stop_string = seq.detokenizer.add_token(out.token_id)
+        can_stop = len(seq.token_ids) >= state.request.params.min_tokens
+        stop_string = seq.detokenizer.add_token(out.token_id, can_stop)
         if out.finish_reason is not None:
             seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
             return False
-        if stop_string is not None and len(seq.token_ids) >= state.request.params.min_tokens:
+        if stop_string is not None:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop_string
             return True
         return False
@@ -165,20 +164,25 @@ class OutputProcessor:
 
     @staticmethod
     def _completion(index: int, seq: _SeqState) -> CompletionOutput:
-        num_reported = seq.num_reported
-        seq.num_reported = len(seq.token_ids)
+        """What is reported so far: tokens and logprobs only as far as their text is emitted."""
         detok = seq.detokenizer
         delta_text = detok.take_delta(seq.is_finished)
-        logprobs = seq.logprobs if seq.wants_logprobs else None
+        begin = seq.num_reported
+        end = seq.num_reported = detok.num_released_tokens(len(seq.token_ids), seq.is_finished)
+        logprobs = seq.logprobs[:end] if seq.wants_logprobs else None
+        has_text = detok.tokenizer is not None
         return CompletionOutput(
             index=index,
             text=detok.text[: detok.num_emitted_chars],
-            token_ids=list(seq.token_ids),
+            token_ids=seq.token_ids[:end],
             finish_reason=str(seq.finish_reason) if seq.finish_reason else None,
             stop_reason=seq.stop_reason,
             delta_text=delta_text,
-            delta_token_ids=seq.token_ids[num_reported:],
-            logprobs=list(logprobs) if logprobs is not None else None,
-            delta_logprobs=logprobs[num_reported:] if logprobs is not None else None,
-            cumulative_logprob=seq.cumulative_logprob if seq.wants_logprobs else None,
+            delta_token_ids=seq.token_ids[begin:end],
+            delta_token_texts=detok.token_texts(begin, end) if has_text else None,
+            token_texts=detok.token_texts(0, end) if has_text and seq.is_finished else None,
+            logprobs=logprobs,
+            delta_logprobs=logprobs[begin:] if logprobs is not None else None,
+            cumulative_logprob=(sum(e["logprob"] for e in logprobs)
+                                if logprobs is not None else None),
         )

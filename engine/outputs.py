@@ -15,6 +15,10 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    # Each reported token's own span of the text (they join into it); None without a tokenizer.
+    # `token_texts` covers every token and is set on the last output only.
+    delta_token_texts: list[str] | None = None
+    token_texts: list[str] | None = None
     logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top_logprobs"}
     delta_logprobs: list[dict] | None = None
     cumulative_logprob: float | None = None

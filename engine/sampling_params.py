@@ -23,6 +23,9 @@ class SamplingParams:
     min_tokens: int = 0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # True: the text keeps the stop string (all of the tokens' text, as TGI answers); False: the
+    # text, tokens and logprobs all end where the stop string begins.
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; N: and the top N
     skip_special_tokens: bool = True

@@ -310,6 +310,8 @@ def _parse_tgi(request: TGIRequest, default_max_new_tokens: int) -> Job:
     is_sampled = bool(p.do_sample) or p.top_p is not None or p.top_k is not None
     is_sampled |= p.temperature not in (None, 0.0)
     extra: dict[str, Any] = {} if is_sampled else {"temperature": 0.0}
+    # TGI keeps the stop sequence in `generated_text`: text and `details.tokens` then agree.
+    extra["include_stop_str_in_output"] = True
     params = _params(p, p.max_new_tokens or default_max_new_tokens, "parameters.",
                      stop=_stops(p.stop, p.stop_sequences),
                      logprobs=p.top_n_tokens or (0 if p.details else None), **extra)

@@ -20,12 +20,17 @@ def tgi_finish_reason(c: CompletionOutput) -> str | None:
     return c.finish_reason
 
 
+def _tgi_token(token_id: int, text: str, logprobs: dict | None, special_ids: set[int]) -> dict:
+    return {"id": token_id, "text": text, "logprob": (logprobs or {}).get("logprob"),
+            "special": token_id in special_ids}
+
+
 def _tgi_tokens(c: CompletionOutput, token_text: TokenText, special_ids: set[int]) -> list[dict]:
-    logprobs = c.logprobs or [{}] * len(c.token_ids)
-    return [
-        {"id": t, "text": token_text(t), "logprob": lp.get("logprob"), "special": t in special_ids}
-        for t, lp in zip(c.token_ids, logprobs, strict=False)
-    ]
+    """`details.tokens`: each token with its own span of the text, so that they join into it."""
+    texts = c.token_texts or [token_text(t) for t in c.token_ids]
+    logprobs = c.logprobs or [None] * len(c.token_ids)
+    return [_tgi_token(t, text, lp, special_ids)
+            for t, text, lp in zip(c.token_ids, texts, logprobs, strict=True)]
 
 
 def _tgi_top_tokens(entry: dict, token_text: TokenText, special_ids: set[int]) -> list[dict]:
@@ -148,30 +153,34 @@ class StreamFormatter:
 
     def records(self, prompt_index: int, out: RequestOutput) -> list[bytes]:
         if self.job.kind is ApiKind.TGI:
-            return [self._frame(self._tgi_record(prompt_index, out.outputs[0], out))]
+            return [self._frame(r) for r in self._tgi_records(prompt_index, out.outputs[0], out)]
         return [self._frame(chunk) for c in out.outputs
                 for chunk in self._openai_chunks(prompt_index * self.job.params.n + c.index, c)]
 
-    def _tgi_record(self, prompt_index: int, c: CompletionOutput, out: RequestOutput) -> dict:
-        token_id = c.delta_token_ids[-1] if c.delta_token_ids else None
-        logprob = c.delta_logprobs[-1]["logprob"] if c.delta_logprobs else None
-        record: dict[str, Any] = {
-            "index": prompt_index,
-            "token": None if token_id is None else {
-                "id": token_id, "text": c.delta_text, "logprob": logprob,
-                "special": token_id in self.special_ids,
-            },
-            "generated_text": None, "details": None,
-        }
-        if self.job.top_n_tokens and c.delta_logprobs:
-            record["top_tokens"] = _tgi_top_tokens(c.delta_logprobs[-1], self.token_text,
-                                                   self.special_ids)
+    def _tgi_records(self, prompt_index: int, c: CompletionOutput,
+                     out: RequestOutput) -> list[dict]:
+        """One record per token, as TGI streams; the last one carries the text and details."""
+        texts = c.delta_token_texts or [self.token_text(t) for t in c.delta_token_ids]
+        logprobs = c.delta_logprobs or [None] * len(c.delta_token_ids)
+        records = []
+        for token_id, text, entry in zip(c.delta_token_ids, texts, logprobs, strict=True):
+            record: dict[str, Any] = {
+                "index": prompt_index,
+                "token": _tgi_token(token_id, text, entry, self.special_ids),
+                "generated_text": None, "details": None,
+            }
+            if self.job.top_n_tokens and entry:
+                record["top_tokens"] = _tgi_top_tokens(entry, self.token_text, self.special_ids)
+            records.append(record)
         if c.is_finished:
+            if not records:  # nothing new in the last step: its record has no token
+                records.append({"index": prompt_index, "token": None})
             prefix = (out.prompt or "") if self.job.return_full_text else ""
-            record["generated_text"] = prefix + c.text
-            record["details"] = {"finish_reason": tgi_finish_reason(c),
-                                 "generated_tokens": len(c.token_ids), "seed": self.job.params.seed}
-        return record
+            records[-1]["generated_text"] = prefix + c.text
+            records[-1]["details"] = {"finish_reason": tgi_finish_reason(c),
+                                      "generated_tokens": len(c.token_ids),
+                                      "seed": self.job.params.seed}
+        return records
 
     def _chunk(self, choices: list[dict], **extra: Any) -> dict:
         is_chat = self.job.kind is ApiKind.CHAT

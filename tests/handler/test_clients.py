@@ -159,5 +159,30 @@ def test_return_full_text_and_stop_sequences(tiny_server, expected):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": MAX_TOKENS, "stop": [stop],
                                              "details": True}}
     result = httpx.post(tiny_server.url + "/invocations", json=body).json()[0]
-    assert result["generated_text"] == expected[: expected.index(stop)]
-    assert result["details"]["finish_reason"] == "stop_sequence"
+    # As TGI answers: the text keeps the stop sequence, and the tokens join into the text.
+    assert result["generated_text"].startswith(expected[: expected.index(stop) + len(stop)])
+    details = result["details"]
+    assert details["finish_reason"] == "stop_sequence"
+    assert "".join(t["text"] for t in details["tokens"]) == result["generated_text"]
+    assert details["generated_tokens"] == len(details["tokens"])
+    streamed = [json.loads(line[5:]) for line in httpx.post(
+        tiny_server.url + "/generate_stream", json=body).text.splitlines() if line]
+    assert [e["token"]["id"] for e in streamed] == [t["id"] for t in details["tokens"]]
+    assert "".join(e["token"]["text"] for e in streamed) == result["generated_text"]
+    assert streamed[-1]["generated_text"] == result["generated_text"]
+
+
+def test_openai_stop_ends_text_tokens_and_logprobs_together(client, expected):
+    stop = expected[3:6]
+    kwargs = {"model": "tiny", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+              "stop": [stop], "logprobs": 0}
+    whole = client.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.text == expected[: expected.index(stop)]
+    assert choice.finish_reason == "stop"
+    assert len(choice.logprobs.tokens) == whole.usage.completion_tokens
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    streamed_tokens = [t for c in chunks if c.choices[0].logprobs
+                       for t in c.choices[0].logprobs.tokens]
+    assert streamed_tokens == choice.logprobs.tokens
