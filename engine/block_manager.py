@@ -60,8 +60,8 @@ class BlockManager:
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of `seq`, leaving at least its last token to compute."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
+            return []  # a prompt's logprobs need every prompt token computed
         block_ids: list[int] = []
         prev_hash = None
         for i in range((seq.num_tokens - 1) // self.block_size):

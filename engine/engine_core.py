@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.input_processor import EngineRequest
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepOutput
 from engine.sampler import Sampler, SampleResult
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence
@@ -44,6 +44,7 @@ class SeqOutput:
     error: str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    prompt_logprobs: list[dict | None] | None = None  # with the first token, when asked
 
 
 class EngineCore:
@@ -137,13 +138,18 @@ class EngineCore:
         rewriting the same cache slots is harmless.
         """
         try:
-            logits, sample_seqs = self.runner.execute(batch)
+            step = self.runner.execute(batch)
         except Exception as e:  # noqa: BLE001 - isolated below
             logger.warning("a step of %d sequences failed (%s); retrying each alone",
                            len(batch.seqs), _describe(e))
             return self._execute_one_by_one(batch)
+        self._after_step(batch, step)
+        return step.logits, step.sample_seqs, {}
+
+    def _after_step(self, batch: ScheduledBatch, step: StepOutput) -> None:
         self.scheduler.update_after_step(batch)
-        return logits, sample_seqs, {}
+        for seq, entries in step.prompt_logprobs:
+            seq.prompt_logprobs.extend(entries)
 
     def _execute_one_by_one(
         self, batch: ScheduledBatch
@@ -156,13 +162,13 @@ class EngineCore:
                 continue
             single = ScheduledBatch([seq], [num_new])
             try:
-                logits, sampled = self.runner.execute(single)
+                step = self.runner.execute(single)
             except Exception as e:  # noqa: BLE001 - this sequence's fault
                 failed[seq.request_id] = _describe(e)
                 continue
-            self.scheduler.update_after_step(single)
-            rows.extend(logits)
-            sample_seqs.extend(sampled)
+            self._after_step(single, step)
+            rows.extend(step.logits)
+            sample_seqs.extend(step.sample_seqs)
         kept = [(r, s) for r, s in zip(rows, sample_seqs, strict=True)
                 if s.request_id not in failed]
         logits = torch.stack([r for r, _ in kept]) if kept else None
@@ -194,6 +200,7 @@ class EngineCore:
             seq.request_id, seq.index, result.token_id, result.logprob, result.top_logprobs,
             reason, seq.stop_reason, num_cached_tokens=seq.num_cached_tokens,
             first_scheduled_time=seq.first_scheduled_time,
+            prompt_logprobs=seq.prompt_logprobs if seq.num_output_tokens == 1 else None,
         )
         if reason is not None:
             self._finish(seq, reason)

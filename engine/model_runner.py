@@ -7,6 +7,7 @@ attention backend. Tokens are laid out decodes first, then prefill chunks.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,6 +27,24 @@ logger = logging.getLogger(__name__)
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
     return per_token * block_size * dtype.itemsize
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # fp32 [num_sampling, vocab]: one row per sampling sequence
+    sample_seqs: list[Sequence]
+    # New prompt logprobs of the sequences that asked (entries as the sampler's logprobs).
+    prompt_logprobs: list[tuple[Sequence, list[dict]]]
+
+
+@dataclass
+class _PromptRows:
+    """Rows of the flat batch whose next token is a prompt token a sequence wants scored."""
+
+    seq: Sequence
+    first_row: int
+    first_position: int
+    num_rows: int
 
 
 class ModelRunner:
@@ -53,19 +72,35 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run the step; return fp32 logits [num_sampling, vocab] and the sequences they belong to.
-
-        A sequence samples when this step computes its last token.
-        """
-        input_ids, positions, meta, sample_indices, sample_seqs = self._prepare(batch)
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run the step: the logits of the sequences that sample (those whose last token this
+        step computes) and the prompt logprobs asked for."""
+        input_ids, positions, meta, sample_indices, sample_seqs, prompt_rows = self._prepare(batch)
         cos, sin = self.rotary.lookup(positions)
         ctx = ForwardContext(cos, sin, meta, self.kv_caches, self.backend)
         hidden = self.model(input_ids, ctx)
+        prompt_logprobs = [(r.seq, self._prompt_logprobs(hidden, r)) for r in prompt_rows]
         if not sample_seqs:
-            return hidden.new_empty(0, self.config.vocab_size, dtype=torch.float32), []
+            empty = hidden.new_empty(0, self.config.vocab_size, dtype=torch.float32)
+            return StepOutput(empty, [], prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_indices])
-        return logits.float(), sample_seqs
+        return StepOutput(logits.float(), sample_seqs, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: _PromptRows) -> list[dict]:
+        """Each row's logprob of the prompt token after it, and the top ones when asked."""
+        hidden_rows = hidden[rows.first_row : rows.first_row + rows.num_rows]
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden_rows).float(), dim=-1)
+        start = rows.first_position + 1
+        target_ids = rows.seq.token_ids[start : start + rows.num_rows]
+        chosen = logprobs.gather(1, self._tensor(target_ids, torch.int64)[:, None])[:, 0].tolist()
+        num_top = rows.seq.params.prompt_logprobs
+        tops: list[dict[int, float]] = [{} for _ in target_ids]
+        if num_top:
+            values, ids = logprobs.topk(num_top, dim=-1)
+            tops = [dict(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(),
+                                                                   strict=True)]
+        return [{"token_id": t, "logprob": lp, "top_logprobs": top}
+                for t, lp, top in zip(target_ids, chosen, tops, strict=True)]
 
     def _prepare(self, batch: ScheduledBatch):
         pairs = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
@@ -76,9 +111,17 @@ class ModelRunner:
         slots: list[int] = []
         sample_indices: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_rows: list[_PromptRows] = []
         for seq, num_new in decodes + prefills:
             start = seq.num_computed_tokens
             end = start + num_new
+            if seq.prompt_logprobs is not None:
+                # Positions already scored (a recompute after preemption) are skipped.
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                num_rows = min(end, seq.num_prompt_tokens - 1) - first
+                if num_rows > 0:
+                    prompt_rows.append(
+                        _PromptRows(seq, len(input_ids) + first - start, first, num_rows))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table, bs = seq.block_table, self.block_size
@@ -104,7 +147,7 @@ class ModelRunner:
         )
         return (
             self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-            self._tensor(sample_indices, torch.int64), sample_seqs,
+            self._tensor(sample_indices, torch.int64), sample_seqs, prompt_rows,
         )
 
     def _block_tables(self, seqs: list[Sequence], context_lens: list[int]) -> torch.Tensor:

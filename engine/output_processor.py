@@ -42,6 +42,7 @@ class _RequestState:
     seqs: list[_SeqState]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict | None] | None = None
     error: str | None = None
 
     @property
@@ -116,6 +117,8 @@ class OutputProcessor:
         if state.metrics.first_scheduled_time is None:
             state.metrics.first_scheduled_time = out.first_scheduled_time
             state.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            state.prompt_logprobs = out.prompt_logprobs
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
         seq.token_ids.append(out.token_id)
@@ -146,6 +149,7 @@ class OutputProcessor:
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, completions,
             state.is_finished, state.num_cached_tokens, state.metrics, state.error,
+            state.prompt_logprobs,
         )
 
     @staticmethod

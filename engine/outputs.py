@@ -46,6 +46,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the request failed in the engine (finish reason "error")
+    # Per prompt token (None for the first) when asked by `prompt_logprobs`.
+    prompt_logprobs: list[dict | None] | None = None
 
     # The first (usually only) completion, for `n == 1` callers.
     @property

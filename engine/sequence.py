@@ -54,9 +54,14 @@ class Sequence:
     stop_reason: int | str | None = None
     cumulative_logprob: float = 0.0
     logprobs: list[dict] = field(default_factory=list)
+    # Per prompt token, its logprob given the ones before (None for the first): only asked for
+    # on the request's first sequence; a sibling shares the prompt.
+    prompt_logprobs: list[dict | None] | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:

@@ -92,6 +92,7 @@ class TGIParameters(_Sampling):
     details: bool | None = None
     truncate: Annotated[int, Field(ge=1)] | None = None
     top_n_tokens: Annotated[int, Field(ge=0, le=MAX_TOP_N_TOKENS)] | None = None
+    decoder_input_details: bool | None = None
     watermark: Literal[False] | None = None
     typical_p: Literal[1.0] | None = None  # accepted only as "off"
     best_of: Literal[1] | None = None
@@ -167,7 +168,7 @@ UNSUPPORTED_FIELDS = {
                    "guided_regex", "guided_choice", "guided_grammar"),
     ApiKind.COMPLETION: ("suffix", "response_format", "guided_json", "guided_regex",
                          "guided_choice", "guided_grammar"),
-    ApiKind.TGI: ("grammar", "adapter_id", "decoder_input_details"),
+    ApiKind.TGI: ("grammar", "adapter_id"),
 }
 
 
@@ -314,7 +315,9 @@ def _parse_tgi(request: TGIRequest, default_max_new_tokens: int) -> Job:
     extra["include_stop_str_in_output"] = True
     params = _params(p, p.max_new_tokens or default_max_new_tokens, "parameters.",
                      stop=_stops(p.stop, p.stop_sequences),
-                     logprobs=p.top_n_tokens or (0 if p.details else None), **extra)
+                     logprobs=p.top_n_tokens or (0 if p.details else None),
+                     prompt_logprobs=0 if p.details and p.decoder_input_details else None,
+                     **extra)
     is_batch = isinstance(request.inputs, list)
     return Job(
         ApiKind.TGI, list(request.inputs) if is_batch else [request.inputs], params,

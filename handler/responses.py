@@ -33,6 +33,14 @@ def _tgi_tokens(c: CompletionOutput, token_text: TokenText, special_ids: set[int
             for t, text, lp in zip(c.token_ids, texts, logprobs, strict=True)]
 
 
+def _tgi_prefill(out: RequestOutput, token_text: TokenText) -> list[dict]:
+    """`details.prefill` (`decoder_input_details`): each prompt token and its logprob given the
+    ones before it (none for the first)."""
+    entries = out.prompt_logprobs or []
+    return [{"id": t, "text": token_text(t), "logprob": e["logprob"] if e else None}
+            for t, e in zip(out.prompt_token_ids, entries, strict=False)]
+
+
 def _tgi_top_tokens(entry: dict, token_text: TokenText, special_ids: set[int]) -> list[dict]:
     """TGI's `top_tokens` of one step: the most likely tokens, most likely first."""
     ranked = sorted(entry["top_logprobs"].items(), key=lambda item: -item[1])
@@ -52,7 +60,7 @@ def tgi_response(job: Job, outputs: list[RequestOutput], token_text: TokenText,
                 "finish_reason": tgi_finish_reason(c),
                 "generated_tokens": len(c.token_ids),
                 "seed": job.params.seed,
-                "prefill": [],
+                "prefill": _tgi_prefill(out, token_text),
                 "tokens": _tgi_tokens(c, token_text, special_ids),
             }
             if job.top_n_tokens:

@@ -247,6 +247,9 @@ async def _run(request: Request, state: ServerState, request_id: str, accept: st
     if style.checks_model:
         _check_model(request, job.model)
     is_stream = job.is_stream if style.stream is None else style.stream
+    if is_stream and job.params.prompt_logprobs is not None:  # as TGI refuses it
+        raise ApiError(422, "`decoder_input_details` == true is not supported when streaming "
+                       "tokens", "parameters.decoder_input_details")
     stream_format = choose_format(accept, is_stream, is_sse_route=style.is_sse_route)
     service = await state.get_service()
     prefix = "chatcmpl-" if job.kind is ApiKind.CHAT else "cmpl-"

@@ -101,10 +101,23 @@ def test_tgi_routes_answer_errors_in_tgi_shape(tiny_server, client):
     assert bad.json()["error_type"] == "validation" and "max_new_tokens" in bad.json()["error"]
     wrong_shape = httpx.post(tiny_server.url + "/generate", json={"prompt": PROMPT})
     assert wrong_shape.status_code == 422 and "inputs" in wrong_shape.json()["error"]
-    # the client turns TGI's error shape into its own exception types
+    # the client turns TGI's error shape into its own exception types; TGI refuses the prompt's
+    # details on a stream, and so do we
     with pytest.raises(TextGenerationValidationError, match="decoder_input_details"):
-        client.text_generation(PROMPT, max_new_tokens=MAX_TOKENS, details=True,
-                               decoder_input_details=True)
+        list(client.text_generation(PROMPT, max_new_tokens=MAX_TOKENS, details=True,
+                                    decoder_input_details=True, stream=True))
+
+
+def test_decoder_input_details_score_the_prompt(client, tiny_offline):
+    result = client.text_generation(PROMPT, max_new_tokens=2, details=True,
+                                    decoder_input_details=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=0)
+    [reference] = tiny_offline.generate([PROMPT], params)
+    prefill = result.details.prefill
+    assert [t.id for t in prefill] == reference.prompt_token_ids
+    assert prefill[0].logprob is None
+    assert [t.logprob for t in prefill[1:]] == pytest.approx(
+        [e["logprob"] for e in reference.prompt_logprobs[1:]], abs=1e-5)
 
 
 def test_info_describes_the_model_and_limits(tiny_server, tiny_offline):
