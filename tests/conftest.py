@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+from engine import LLM, EngineConfig  # noqa: E402
+from tests.handler.server import serve  # noqa: E402
 from tests.tiny_models import TINY_MODEL_KINDS, make_tiny_model  # noqa: E402
 
 
@@ -39,3 +41,30 @@ def s3(s3_endpoint):
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="models")
     return client
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama_dir):
+    with serve(EngineConfig(model=tiny_llama_dir), served_model_name="tiny") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_offline(tiny_llama_dir):
+    """The offline API on the same model: the reference for what the server returns."""
+    return LLM(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def expected_output(tiny_offline):
+    """The greedy answer to `tests.prompts.PROMPT`: what every client must parse."""
+    from engine import SamplingParams
+    from tests.prompts import MAX_TOKENS, PROMPT
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    return tiny_offline.generate([PROMPT], params)[0]
+
+
+@pytest.fixture(scope="session")
+def expected(expected_output) -> str:
+    return expected_output.text

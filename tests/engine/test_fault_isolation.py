@@ -93,11 +93,11 @@ def _fault_in_detokenizer(llm, monkeypatch):
             calls = {"n": 0}
             add_token = detokenizer.add_token
 
-            def failing_add_token(token_id):
+            def failing_add_token(token_id, *args):
                 calls["n"] += 1
                 if calls["n"] == 3:
                     raise RuntimeError("injected fault in detokenization")
-                return add_token(token_id)
+                return add_token(token_id, *args)
 
             detokenizer.add_token = failing_add_token
 

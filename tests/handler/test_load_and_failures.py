@@ -148,7 +148,7 @@ def test_response_stream_failure_is_a_model_stream_error(tiny_llama_dir):
 
     with serve(EngineConfig(model=tiny_llama_dir)) as server:
         _fail_after(server.state.loader.engine, num_steps=3,
-                    held_until=lambda: server.state.service.llm.num_pending >= 2)
+                    held_until=lambda: server.state.service.llm.num_pending >= 1)
         runtime = boto3.client("sagemaker-runtime", endpoint_url=server.url,
                                region_name="us-east-1", aws_access_key_id="x",
                                aws_secret_access_key="x")
