@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: serve test test-container lint bench bench-serving clean
+.PHONY: serve test test-container lint bench bench-serving bench-cold-start clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 # scripts/bench/build_llama_server.sh) or, without one, transformers; one table.
 bench-serving: $(DEFAULT_MODEL)/model.tensors
 	$(BIN)/python bench/serving.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER)) $(ARGS)
+
+# Cold starts from a loopback S3 server against the limit (import torch + the raw read).
+bench-cold-start: $(STAMP)
+	$(BIN)/python bench/cold_start.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

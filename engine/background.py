@@ -9,11 +9,13 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.weights import LoadProgress
+from engine.load_progress import LoadProgress
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ class BackgroundLoader:
 
     def _load(self) -> None:
         try:
+            # torch and transformers are imported here, on this thread, while the server answers.
+            self.progress.set_phase("imports")
+            from engine.llm_engine import LLMEngine
+
             self.engine = LLMEngine(self.config, self.progress)
             self.state = LoadState.READY
             snapshot = self.progress.snapshot()

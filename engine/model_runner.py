@@ -7,6 +7,8 @@ attention backend. Tokens are laid out decodes first, then prefill chunks.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,20 @@ class _PromptRows:
     num_rows: int
 
 
+def zeros_on_first_touch(shape: tuple[int, ...], dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+    """Zeros that cost nothing up front. On the CPU, anonymous memory: the OS maps in a zeroed
+    page the first time one is written (`torch.zeros` would write all of it at start: ~1 s per
+    GiB on these machines, on the cold-start path)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * dtype.itemsize
+    if num_bytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # The tensor holds a reference to the mapping, which lives as long as the tensor does.
+    return torch.frombuffer(mmap.mmap(-1, num_bytes), dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(
         self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
@@ -59,9 +75,9 @@ class ModelRunner:
         c = model_config
         # Zeros, not empty: padded positions are masked out of attention, but NaN garbage there
         # would still poison the weighted sum (0 x NaN = NaN).
-        self.kv_cache = torch.zeros(  # [layers, k|v, blocks, block_size, kv_heads, head_dim]
-            c.num_layers, 2, cache_config.num_blocks, self.block_size, c.num_kv_heads,
-            c.head_dim, dtype=dtype, device=device,
+        self.kv_cache = zeros_on_first_touch(  # [layers, k|v, blocks, block_size, kv_heads, dim]
+            (c.num_layers, 2, cache_config.num_blocks, self.block_size, c.num_kv_heads,
+             c.head_dim), dtype, device,
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.rotary = RotaryEmbedding(model_config, max_model_len, device)

@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from engine import RequestOutput
+from engine.load_progress import LOAD_PHASES
 
-LOAD_PHASES = ("starting", "config", "tokenizer", "weights", "kv_cache", "ready")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -82,9 +82,16 @@ class _EngineCollector:
                      1.0 if load.get("status") == "ready" else 0.0)
         phase = GaugeMetricFamily("llm_model_load_phase", "1 for the phase the load is in.",
                                   labels=["phase"])
+        seconds = GaugeMetricFamily("llm_model_load_phase_seconds",
+                                    "Seconds the load spent in each phase (so far).",
+                                    labels=["phase"])
+        phase_seconds = load.get("phase_seconds", {})
         for name in LOAD_PHASES:
             phase.add_metric([name], 1.0 if load.get("phase") == name else 0.0)
+            if name in phase_seconds:
+                seconds.add_metric([name], phase_seconds[name])
         yield phase
+        yield seconds
         stats = self.stats()
         if not stats:
             return

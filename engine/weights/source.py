@@ -1,4 +1,4 @@
-"""The one loading interface every weight format implements, and load progress.
+"""The one loading interface every weight format implements.
 
 A source knows its Hugging Face config, its tokenizer files and how to put its tensors into a
 model built on the meta device: each tensor lands once, on the target device, in the target dtype.
@@ -6,15 +6,14 @@ model built on the meta device: each tensor lands once, on the target device, in
 
 from __future__ import annotations
 
-import threading
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from engine.load_progress import LoadProgress
 
 
 class WeightsError(RuntimeError):
@@ -23,61 +22,6 @@ class WeightsError(RuntimeError):
 
 class ConfigMismatchError(WeightsError):
     """The weights do not fit the architecture in the config."""
-
-
-@dataclass
-class LoadProgress:
-    """Observable while a load runs (another thread reads it): phase, bytes, total, throughput.
-
-    Phases in order: config, tokenizer, weights, kv_cache, then ready. The total is known from
-    the first moment (file sizes, or the S3 object's), so bytes count up from 0 of the total.
-    """
-
-    total_bytes: int = 0
-    loaded_bytes: int = 0
-    phase: str = "starting"
-    started_at: float | None = None
-    finished_at: float | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def start(self, total_bytes: int) -> None:
-        with self._lock:
-            self.total_bytes, self.loaded_bytes = total_bytes, 0
-            self.started_at, self.finished_at = time.monotonic(), None
-
-    def set_phase(self, phase: str) -> None:
-        with self._lock:
-            self.phase = phase
-
-    def advance(self, num_bytes: int) -> None:
-        with self._lock:
-            self.loaded_bytes += num_bytes
-
-    def set_loaded(self, num_bytes: int) -> None:
-        with self._lock:
-            self.loaded_bytes = num_bytes
-
-    def finish(self) -> None:
-        with self._lock:
-            self.loaded_bytes = max(self.loaded_bytes, self.total_bytes)
-            self.finished_at = time.monotonic()
-            self.phase = "ready"
-
-    @property
-    def elapsed_s(self) -> float:
-        if self.started_at is None:
-            return 0.0
-        return (self.finished_at or time.monotonic()) - self.started_at
-
-    def snapshot(self) -> dict[str, Any]:
-        elapsed = self.elapsed_s
-        return {
-            "phase": self.phase,
-            "loaded_bytes": self.loaded_bytes,
-            "total_bytes": self.total_bytes,
-            "elapsed_s": round(elapsed, 3),
-            "throughput_gbps": round(self.loaded_bytes / elapsed / 1e9, 3) if elapsed else 0.0,
-        }
 
 
 class WeightSource(ABC):

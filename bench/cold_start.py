@@ -1,0 +1,190 @@
+"""Cold start from S3 against its limit, by hand (`make bench-cold-start`); results in the README.
+
+A loopback S3 server (moto, its own process) holds the embedded SmolLM2 tensorized (fp32). The
+limit, measured in the same run: the median `import torch` in a fresh process plus the median raw
+read of the weights object (the faster of one GET and parallel ranged GETs). Then, several times
+over, `python -m handler --model s3://...` is started cold, in both load modes (background, and
+`--load-on-first-request`, the serverless one); from the process start it times the first /ping
+answer, /ping 200, the first token of a `max_tokens: 1` request sent at once and retried on 503,
+the phases /ping reports (imports, first weight byte, weights in place, KV cache ready) and the
+slowest /ping answer during the load.
+
+    .venv/bin/python bench/cold_start.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cold_load import CHUNK, ranged_read  # noqa: E402
+from bench.serving import cpu_name, free_port  # noqa: E402
+from engine.weights.tensorize import tensorize  # noqa: E402
+
+BUCKET, PREFIX = "models", "smollm2"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+PING_EVERY_S = 0.01
+
+
+def _get(port: int, method: str, path: str, body: dict | None = None,
+         timeout: float = 30.0) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        payload = json.dumps(body) if body is not None else None
+        conn.request(method, path, payload, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                               "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(500):
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/")
+            return server, endpoint
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("moto_server did not start")
+
+
+def limit_seconds(client, runs: int) -> dict[str, float]:
+    imports = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        imports.append(time.perf_counter() - start)
+    key = f"{PREFIX}/model.tensors"
+    single, ranged = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        single.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ranged_read(client, BUCKET, key)
+        ranged.append(time.perf_counter() - start)
+    read = min(statistics.median(single), statistics.median(ranged))
+    return {"import_torch": statistics.median(imports), "read_one_get": statistics.median(single),
+            "read_ranged": statistics.median(ranged), "limit": statistics.median(imports) + read}
+
+
+class PingWatch(threading.Thread):
+    """Pings every 10 ms from the process start: first answer, first 200, slowest answer."""
+
+    def __init__(self, port: int, started: float):
+        super().__init__(daemon=True)
+        self.port, self.started = port, started
+        self.first_answer = self.first_ok = None
+        self.slowest_s = 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            sent = time.time()
+            try:
+                status, _ = _get(self.port, "GET", "/ping", timeout=10)
+            except OSError:
+                time.sleep(PING_EVERY_S)
+                continue
+            now = time.time()
+            if self.first_answer is None:
+                self.first_answer = now - self.started
+            else:
+                self.slowest_s = max(self.slowest_s, now - sent)
+            if status == 200 and self.first_ok is None:
+                self.first_ok = now - self.started
+            time.sleep(PING_EVERY_S)
+
+
+def cold_start(endpoint: str, lazy: bool) -> dict[str, float]:
+    port = free_port()
+    env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint}
+    command = [sys.executable, "-m", "handler", "--model", f"s3://{BUCKET}/{PREFIX}",
+               "--port", str(port), "--log-level", "warning"]
+    started = time.time()
+    server = subprocess.Popen(command + (["--load-on-first-request"] if lazy else []), env=env)
+    watch = PingWatch(port, started)
+    watch.start()
+    try:
+        first_token = _first_token(port, started)
+        watch.stop.set()
+        watch.join()
+        _, status = _get(port, "GET", "/ping")  # the phases are kept once ready
+        phases = {f"{name} at": at - started for name, at in status["phase_started_at"].items()}
+        if status.get("first_byte_at"):
+            phases["first byte at"] = status["first_byte_at"] - started
+        return {"first /ping": watch.first_answer, "/ping 200": watch.first_ok,
+                "first token": first_token, "slowest /ping": watch.slowest_s, **phases}
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _first_token(port: int, started: float) -> float:
+    body = {"prompt": "Hello", "max_tokens": 1}
+    while True:
+        try:
+            status, _ = _get(port, "POST", "/v1/completions", body, timeout=120)
+        except OSError:
+            time.sleep(PING_EVERY_S)
+            continue
+        if status == 200:
+            return time.time() - started
+        if status != 503:
+            raise RuntimeError(f"the completion failed with {status}")
+        time.sleep(PING_EVERY_S)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.update(CREDENTIALS)
+    s3, endpoint = start_s3()
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        tensorize("", f"s3://{BUCKET}/{PREFIX}", "float32", endpoint)
+        size = client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/model.tensors")["ContentLength"]
+        limit = limit_seconds(client, args.runs)
+        results = {mode: [cold_start(endpoint, lazy=mode != "background")
+                          for _ in range(args.runs)] for mode in ("background", "first-request")}
+    finally:
+        s3.terminate()
+    print(f"# {cpu_name()}; {time.strftime('%Y-%m-%d')}; weights {size / 1e6:.0f} MB "
+          f"({CHUNK >> 20} MiB ranges)")
+    print(f"limit {limit['limit']:.2f} s = import torch {limit['import_torch']:.2f} s + read "
+          f"{min(limit['read_one_get'], limit['read_ranged']):.2f} s (one GET "
+          f"{limit['read_one_get']:.2f} s, ranged {limit['read_ranged']:.2f} s); medians")
+    for mode, runs in results.items():
+        print(f"\n## {mode} (median of {len(runs)}, seconds from process start)")
+        print("| step | s | / limit |\n|---|---|---|")
+        for key in runs[0]:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if not values:
+                continue
+            value = statistics.median(values)
+            ratio = "" if key == "slowest /ping" else f"{value / limit['limit']:.2f}x"
+            print(f"| {key} | {value:.3f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
