@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -52,12 +53,26 @@ def test_ping_during_a_held_load_tells_the_phase_and_bytes(monkeypatch):
         during = httpx.get(server.url + "/ping", timeout=30).json()
         assert during["status"] == "loading" and during["phase"] == "weights"
         assert 0 < during["loaded_bytes"] < during["total_bytes"]
+        # where the start spent its time so far: every phase begun, in order
+        assert list(during["phase_seconds"]) == ["imports", "config", "tokenizer", "weights"]
+        assert during["first_byte_at"] >= during["phase_started_at"]["weights"]
         metrics = httpx.get(server.url + "/metrics").text
         assert 'llm_model_load_phase{phase="weights"} 1.0' in metrics
+        assert 'llm_model_load_phase_seconds{phase="tokenizer"}' in metrics
         release.set()
         assert server.state.loader.wait(120)
         ready = httpx.get(server.url + "/ping", timeout=30)
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_the_server_answers_before_torch_is_imported():
+    """/ping needs neither torch nor transformers: the app is built without them, and the
+    loader thread imports them while the server already answers."""
+    code = ("import sys, handler.app, handler.server, handler.routes; "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_failed_load_is_500_with_the_reason(tmp_path):
