@@ -54,7 +54,7 @@ class ServerState:
         if state is LoadState.FAILED:
             return 500, status
         if state is LoadState.READY:
-            return 200, {"status": "ready"}
+            return 200, status  # "ready", with how long each phase of the load took
         if self.settings.load_on_first_request:
             # Serverless: healthy before loading; the first invocation pays for the load.
             return 200, {**status, "detail": "the model loads on the first request"}
