@@ -94,6 +94,7 @@ class PingWatch(threading.Thread):
         self.port, self.started = port, started
         self.first_answer = self.first_ok = None
         self.slowest_s = 0.0
+        self.slowest_at = 0.0  # when the slowest /ping was sent, from the process start
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -107,8 +108,8 @@ class PingWatch(threading.Thread):
             now = time.time()
             if self.first_answer is None:
                 self.first_answer = now - self.started
-            else:
-                self.slowest_s = max(self.slowest_s, now - sent)
+            elif now - sent > self.slowest_s:
+                self.slowest_s, self.slowest_at = now - sent, sent - self.started
             if status == 200 and self.first_ok is None:
                 self.first_ok = now - self.started
             time.sleep(PING_EVERY_S)
@@ -132,7 +133,8 @@ def cold_start(endpoint: str, lazy: bool) -> dict[str, float]:
         if status.get("first_byte_at"):
             phases["first byte at"] = status["first_byte_at"] - started
         return {"first /ping": watch.first_answer, "/ping 200": watch.first_ok,
-                "first token": first_token, "slowest /ping": watch.slowest_s, **phases}
+                "first token": first_token, "slowest /ping": watch.slowest_s,
+                "slowest /ping sent at": watch.slowest_at, **phases}
     finally:
         server.terminate()
         server.wait(30)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
 from engine.load_progress import LoadProgress
+from engine.weights.prefetch import prefetch_weights
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -50,12 +51,15 @@ class BackgroundLoader:
         return self._done.wait(timeout)
 
     def _load(self) -> None:
+        early_reader = None
         try:
-            # torch and transformers are imported here, on this thread, while the server answers.
+            # The S3 read starts first; torch and transformers are imported next, on this
+            # thread, while the bytes arrive and the server answers.
             self.progress.set_phase("imports")
+            early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint)
             from engine.llm_engine import LLMEngine
 
-            self.engine = LLMEngine(self.config, self.progress)
+            self.engine = LLMEngine(self.config, self.progress, early_reader)
             self.state = LoadState.READY
             snapshot = self.progress.snapshot()
             logger.info(
@@ -63,6 +67,8 @@ class BackgroundLoader:
                 snapshot["total_bytes"] / 1e6, snapshot["elapsed_s"], snapshot["throughput_gbps"],
             )
         except BaseException as e:  # noqa: BLE001 - kept and reported by the health check
+            if early_reader is not None:
+                early_reader.close()
             self.error = e
             self.state = LoadState.FAILED
             logger.error("model load failed: %s", e)

@@ -47,12 +47,15 @@ def resolve_dtype(requested: str, model_dtype: str, device: torch.device) -> tor
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, progress: LoadProgress | None = None):
+    def __init__(self, config: EngineConfig, progress: LoadProgress | None = None,
+                 early_reader: Any = None):
+        """`early_reader`: the weights of an s3:// model, already being read."""
         self.config = config
         torch.manual_seed(config.seed)  # unseeded requests: reproducible from start, as vLLM
         self.progress = progress or LoadProgress()
         self.device = torch.device(config.resolved_device)
-        source = open_source(config.model, config.s3_endpoint, config.verify_weights)
+        source = open_source(config.model, config.s3_endpoint, config.verify_weights,
+                             early_reader)
         self.progress.start(source.total_bytes())
         self.progress.set_phase("config")
         self.model_config = ModelConfig.from_hf(source.hf_config())

@@ -1,13 +1,33 @@
-"""Weights from every source behind one interface: `open_source(model)`."""
+"""Weights from every source behind one interface: `open_source(model)`.
 
-from engine.weights.loader import default_model_path, open_source
-from engine.weights.source import ConfigMismatchError, LoadProgress, WeightsError, WeightSource
+Names are imported on first use (PEP 562), so that the S3 reader can start before torch loads.
+"""
 
-__all__ = [
-    "ConfigMismatchError",
-    "LoadProgress",
-    "WeightSource",
-    "WeightsError",
-    "default_model_path",
-    "open_source",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "ConfigMismatchError": "engine.weights.source",
+    "LoadProgress": "engine.load_progress",
+    "WeightSource": "engine.weights.source",
+    "WeightsError": "engine.weights.errors",
+    "default_model_path": "engine.weights.loader",
+    "open_source": "engine.weights.loader",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine.weights' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

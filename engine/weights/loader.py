@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from engine.weights.source import WeightsError, WeightSource
 
@@ -23,8 +24,10 @@ def default_model_path() -> Path:
 
 
 def open_source(
-    model: str, s3_endpoint: str | None = None, verify_hash: bool = True
+    model: str, s3_endpoint: str | None = None, verify_hash: bool = True,
+    early_reader: Any = None,
 ) -> WeightSource:
+    """`early_reader`: an s3:// model's weights already being read (`prefetch_weights`)."""
     from engine.weights.gguf import GGUFSource
     from engine.weights.safetensors import SafetensorsSource
 
@@ -33,7 +36,8 @@ def open_source(
     if model.startswith("s3://"):
         from engine.weights.tensorizer import TensorizerSource
 
-        return TensorizerSource(model, s3_endpoint=s3_endpoint, verify_hash=verify_hash)
+        return TensorizerSource(model, s3_endpoint=s3_endpoint, verify_hash=verify_hash,
+                                early_reader=early_reader)
     path = Path(model)
     if path.suffix == ".gguf":
         return GGUFSource(path)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.weights.source import WeightsError
+from engine.weights.errors import WeightsError
 
 
 class S3NotFoundError(WeightsError):

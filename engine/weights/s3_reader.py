@@ -24,8 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from engine.weights.errors import WeightsError
 from engine.weights.s3 import S3Location, translate_error
-from engine.weights.source import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,12 @@ class S3ObjectReader(io.RawIOBase):
         for start in range(0, max(size, 1), step):
             self._ranges.append(_Range(start, min(start + step, size), MAX_AHEAD_BYTES))
         self._num_started = 0
+
+    def start(self, max_ahead_bytes: int = MAX_AHEAD_BYTES) -> None:
+        """Begin fetching now, before the first read, keeping up to `max_ahead_bytes` of the
+        object in memory until the reader comes (the read then overlaps what precedes it)."""
+        self._ranges[0].max_ahead = max(max_ahead_bytes, MAX_AHEAD_BYTES)
+        self._range_at(0)
 
     # -- io.RawIOBase -----------------------------------------------------------------------------
 

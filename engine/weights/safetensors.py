@@ -25,9 +25,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 def load_folder_tokenizer(folder: Path) -> Any | None:
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    # The model's config handed over as a plain PretrainedConfig: left to itself, AutoTokenizer
+    # builds the architecture's own config class, whose import pulls in torch.distributed and
+    # sympy (~1 s of a cold start), only to pick the same tokenizer class.
+    extra: dict[str, Any] = {}
+    if (folder / "config.json").exists():
+        extra["config"] = PretrainedConfig(**read_json(folder / "config.json"))
+    return AutoTokenizer.from_pretrained(str(folder), **extra)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -14,10 +14,7 @@ import torch
 from torch import nn
 
 from engine.load_progress import LoadProgress
-
-
-class WeightsError(RuntimeError):
-    """A model's weights could not be loaded; the message names the source and the cause."""
+from engine.weights.errors import WeightsError
 
 
 class ConfigMismatchError(WeightsError):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.weights.prefetch import WEIGHTS_FILE
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
 from engine.weights.s3_reader import S3ObjectReader
 from engine.weights.safetensors import load_folder_tokenizer, read_json
@@ -29,7 +30,6 @@ from engine.weights.source import (
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.tensors"
 MANIFEST_FILE = "manifest.json"
 SIDE_FILES = (
     "config.json", "generation_config.json", MANIFEST_FILE, "tokenizer.json",
@@ -44,8 +44,10 @@ class CorruptWeightsError(WeightsError):
 
 
 class TensorizerSource(WeightSource):
-    def __init__(self, uri: str, s3_endpoint: str | None = None, verify_hash: bool = True):
+    def __init__(self, uri: str, s3_endpoint: str | None = None, verify_hash: bool = True,
+                 early_reader: S3ObjectReader | None = None):
         self.uri = uri.rstrip("/")
+        self.early_reader = early_reader  # the weights, already being read (`prefetch_weights`)
         self.s3_endpoint = s3_endpoint
         self.verify_hash = verify_hash
         self.is_s3 = uri.startswith("s3://")
@@ -101,6 +103,8 @@ class TensorizerSource(WeightSource):
             return file, path.stat().st_size, NUM_READERS
         self._files_dir()
         size = self._weights_bytes or 0
+        if self.early_reader is not None and self.early_reader.size == size:
+            return self.early_reader, size, 1
         # boto3 signs each ranged GET (temporary credentials included) and several are in
         # flight at once: one tensorizer reader consumes them in order.
         reader = S3ObjectReader(self._client, S3Location.parse(self.uri), WEIGHTS_FILE, size)
