@@ -54,12 +54,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, path: str = "/ping") -> None:
+def wait_ready(url: str, process: subprocess.Popen, path: str = "/ping",
+               text: str = "") -> None:
+    """Until `path` answers 200 (with `text` in its body, if given)."""
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + path, timeout=5).status_code == 200:
+            response = httpx.get(url + path, timeout=5)
+            if response.status_code == 200 and text in response.text:
                 return
         time.sleep(0.3)
 
@@ -76,6 +79,8 @@ def running(name: str, cmd: list[str], path: str, env: dict | None = None) -> It
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, path)
+        if "--compile-decode" in cmd:  # time the compiled step, not the eager one before it
+            wait_ready(url, process, "/metrics", "llm_compiled_decode_ready 1.0")
         yield url
     finally:
         process.terminate()

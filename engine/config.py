@@ -34,6 +34,8 @@ class EngineConfig:
     seed: int = 0
     s3_endpoint: str | None = None
     verify_weights: bool = True  # check tensorizer's per-tensor checksums while loading
+    # CPU: build a compiled one-sequence decode step in the background (engine/compiled_decode.py)
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

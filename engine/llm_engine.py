@@ -90,7 +90,7 @@ class LLMEngine:
         backend = get_attention_backend(config.resolved_attention_backend)
         self.runner = ModelRunner(
             model.eval(), self.model_config, self.cache_config, self.max_model_len, self.device,
-            self.dtype, backend,
+            self.dtype, backend, config.compile_decode,
         )
         self.core = EngineCore(self.scheduler, self.runner, Sampler(self.eos_token_ids),
                                self.eos_token_ids, self.max_model_len)
@@ -207,4 +207,6 @@ class LLMEngine:
             "prompt_tokens": self.core.num_prompt_tokens_computed,
             "generation_tokens": self.core.num_generation_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
+            "compiled_decode_ready": self.runner.compiled_decode is not None
+            and self.runner.compiled_decode.is_ready.is_set(),
         }

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.block_manager import cdiv
+from engine.compiled_decode import CompiledDecodeStep, DecodeInputs
 from engine.config import CacheConfig, ModelConfig
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.linear import can_pack, pack_linears
@@ -67,11 +68,11 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
         max_model_len: int, device: torch.device, dtype: torch.dtype, backend: AttentionBackend,
+        compile_decode: bool = False,
     ):
         self.model, self.config, self.device, self.backend = model, model_config, device, backend
-        if can_pack(device, dtype):
-            logger.info("CPU linears packed for oneDNN: %d", pack_linears(model))
         self.block_size = cache_config.block_size
+        self.max_blocks = cdiv(max_model_len, self.block_size)
         c = model_config
         # Zeros, not empty: padded positions are masked out of attention, but NaN garbage there
         # would still poison the weighted sum (0 x NaN = NaN).
@@ -81,6 +82,14 @@ class ModelRunner:
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.rotary = RotaryEmbedding(model_config, max_model_len, device)
+        self.compiled_decode: CompiledDecodeStep | None = None
+        if compile_decode and device.type == "cpu":
+            # Copies the plain weights: before the packing below.
+            self.compiled_decode = CompiledDecodeStep(model, model_config, self.rotary,
+                                                      self.kv_cache, self.max_blocks)
+            self.compiled_decode.start()
+        if can_pack(device, dtype):
+            logger.info("CPU linears packed for oneDNN: %d", pack_linears(model))
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f MiB",
             cache_config.num_blocks, self.block_size,
@@ -91,6 +100,9 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run the step: the logits of the sequences that sample (those whose last token this
         step computes) and the prompt logprobs asked for."""
+        compiled = self._compiled_decode(batch)
+        if compiled is not None:
+            return compiled
         input_ids, positions, meta, sample_indices, sample_seqs, prompt_rows = self._prepare(batch)
         cos, sin = self.rotary.lookup(positions)
         ctx = ForwardContext(cos, sin, meta, self.kv_caches, self.backend)
@@ -101,6 +113,27 @@ class ModelRunner:
             return StepOutput(empty, [], prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_indices])
         return StepOutput(logits.float(), sample_seqs, prompt_logprobs)
+
+    def _compiled_decode(self, batch: ScheduledBatch) -> StepOutput | None:
+        """The step through the compiled graph, when it is built and the step is one sequence
+        decoding one token; None otherwise."""
+        step = self.compiled_decode
+        if step is None or not step.is_ready.is_set() or len(batch.seqs) != 1:
+            return None
+        seq, num_new = batch.seqs[0], batch.num_new_tokens[0]
+        position = seq.num_computed_tokens
+        if num_new != 1 or position + 1 != seq.num_tokens or seq.prompt_logprobs is not None:
+            return None
+        bs = self.block_size
+        table = seq.block_table[: cdiv(position + 1, bs)]
+        inputs = DecodeInputs(
+            self._tensor([seq.token_ids[position]], torch.int64),
+            self._tensor([position], torch.int64),
+            self._tensor([table[position // bs] * bs + position % bs], torch.int64),
+            self._tensor([table + [-1] * (self.max_blocks - len(table))], torch.int32),
+            self._tensor([position + 1], torch.int32),
+        )
+        return StepOutput(step(inputs), [seq], [])
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: _PromptRows) -> list[dict]:
         """Each row's logprob of the prompt token after it, and the top ones when asked."""

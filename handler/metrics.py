@@ -104,6 +104,9 @@ class _EngineCollector:
         yield _gauge("llm_kv_cache_free_blocks", "KV-cache blocks free.",
                      stats["num_free_blocks"])
         yield _gauge("llm_kv_cache_total_blocks", "KV-cache blocks in all.", stats["num_blocks"])
+        yield _gauge("llm_compiled_decode_ready",
+                     "1 once the compiled one-sequence decode step serves (--compile-decode).",
+                     float(stats["compiled_decode_ready"]))
         counters = {
             "llm_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
                                          "prefix_cache_query_tokens"),
