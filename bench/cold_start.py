@@ -155,6 +155,59 @@ def _first_token(port: int, started: float) -> float:
         time.sleep(PING_EVERY_S)
 
 
+RUNAI_READ = """
+import json, sys, time
+start = time.time()
+import torch  # noqa: F401 - its import is the peer's too
+imported = time.time()
+from runai_model_streamer import SafetensorsStreamer
+from runai_model_streamer.s3_utils.s3_utils import S3Credentials
+credentials = S3Credentials("x", "x", region_name="us-east-1", endpoint=sys.argv[2])
+with SafetensorsStreamer() as streamer:
+    is_s3 = sys.argv[1].startswith("s3://")
+    streamer.stream_file(sys.argv[1], credentials if is_s3 else None, "cpu")
+    num_bytes = sum(t.numel() * t.element_size() for _, t in streamer.get_tensors())
+print(json.dumps({"import torch": imported - start, "read": time.time() - imported,
+                  "bytes": num_bytes}))
+"""
+
+
+def runai_peer(client, endpoint: str, runs: int) -> dict[str, float] | str:
+    """The Run:ai Model Streamer (vLLM's `--load-format runai_streamer`) reading the same weights
+    as safetensors from the same S3 server into CPU tensors, in a fresh process each time."""
+    try:
+        import runai_model_streamer  # noqa: F401
+    except ImportError:
+        return "not installed (pip install runai-model-streamer runai-model-streamer-s3)"
+    import tempfile
+
+    from bench.cold_load import hf_folder
+
+    # Its S3 client (AWS CRT) fetches 8 MiB parts, each a ranged GET, and moto re-reads the whole
+    # object for every one: so the same file is read from the local disk too.
+    env = {**os.environ, **CREDENTIALS, "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": endpoint,
+           "RUNAI_STREAMER_LOG_LEVEL": "ERROR"}
+    peer: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        import torch
+
+        path = hf_folder(torch.float32, Path(folder)) / "model.safetensors"
+        client.upload_file(str(path), BUCKET, "smollm2-st/model.safetensors")
+        for where, source in (("s3", f"s3://{BUCKET}/smollm2-st/model.safetensors"),
+                              ("file", str(path))):
+            results = []
+            for _ in range(runs):
+                done = subprocess.run([sys.executable, "-c", RUNAI_READ, source, endpoint],
+                                      env=env, capture_output=True, text=True, timeout=900)
+                if done.returncode != 0:
+                    return f"failed: {done.stderr.strip().splitlines()[-1:]}"
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            for key in results[0]:
+                peer[f"{where} {key}"] = statistics.median(r[key] for r in results)
+    return peer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
@@ -167,6 +220,7 @@ def main() -> None:
         tensorize("", f"s3://{BUCKET}/{PREFIX}", "float32", endpoint)
         size = client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/model.tensors")["ContentLength"]
         limit = limit_seconds(client, args.runs)
+        peer = runai_peer(client, endpoint, args.runs)
         results = {mode: [cold_start(endpoint, lazy=mode != "background")
                           for _ in range(args.runs)] for mode in ("background", "first-request")}
     finally:
@@ -176,6 +230,15 @@ def main() -> None:
     print(f"limit {limit['limit']:.2f} s = import torch {limit['import_torch']:.2f} s + read "
           f"{min(limit['read_one_get'], limit['read_ranged']):.2f} s (one GET "
           f"{limit['read_one_get']:.2f} s, ranged {limit['read_ranged']:.2f} s); medians")
+    if isinstance(peer, str):
+        print(f"Run:ai Model Streamer: {peer}")
+    else:
+        for where in ("s3", "file"):
+            total = peer[f"{where} import torch"] + peer[f"{where} read"]
+            print(f"Run:ai Model Streamer from {where}, fresh process: import torch "
+                  f"{peer[f'{where} import torch']:.2f} s, then {peer[f'{where} bytes'] / 1e6:.0f}"
+                  f" MB of safetensors into CPU tensors in {peer[f'{where} read']:.2f} s; "
+                  f"{total:.2f} s in all ({total / limit['limit']:.2f}x the limit)")
     for mode, runs in results.items():
         print(f"\n## {mode} (median of {len(runs)}, seconds from process start)")
         print("| step | s | / limit |\n|---|---|---|")
