@@ -5,8 +5,7 @@ Names are imported on first use (PEP 562), so that the S3 reader can start befor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from engine.lazy import lazy_names
 
 _MODULE_OF = {
     "ConfigMismatchError": "engine.weights.source",
@@ -19,15 +18,4 @@ _MODULE_OF = {
 
 __all__ = sorted(_MODULE_OF)
 
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine.weights' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _MODULE_OF)
