@@ -335,15 +335,18 @@ def _completion_prompts(prompt: Any) -> list[str | list[int]]:
     return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _openai_params(request: _OpenAICommon, max_tokens: int, logprobs: int | None
-                   ) -> SamplingParams:
+def _openai_params(request: _OpenAICommon, max_tokens: int, logprobs: int | None,
+                   prompt_logprobs: int | None = None) -> SamplingParams:
     return _params(request, max_tokens, n=request.n, stop=_stops(request.stop),
                    stop_token_ids=tuple(request.stop_token_ids or ()), logprobs=logprobs,
-                   logit_bias=_logit_bias(request.logit_bias))
+                   prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(request.logit_bias))
 
 
 def _parse_completion(request: CompletionRequest) -> Job:
-    params = _openai_params(request, request.max_tokens or 16, request.logprobs)
+    # `echo` with `logprobs`: the prompt's tokens are scored too, as OpenAI and vLLM answer.
+    is_echo_scored = request.echo and request.logprobs is not None and not request.stream
+    params = _openai_params(request, request.max_tokens or 16, request.logprobs,
+                            request.logprobs if is_echo_scored else None)
     return Job(
         ApiKind.COMPLETION, _completion_prompts(request.prompt), params,
         is_stream=request.stream, echo=request.echo,

@@ -78,17 +78,23 @@ def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
 
 
 def _completion_logprobs(c: CompletionOutput, token_text: TokenText,
-                         entries: list[dict] | None = None) -> dict | None:
+                         entries: list[dict] | None = None,
+                         echoed: RequestOutput | None = None) -> dict | None:
+    """OpenAI's completion `logprobs`; with `echoed`, its prompt tokens first (the first one
+    without a logprob, as OpenAI answers)."""
     entries = c.logprobs if entries is None else entries
     if entries is None:
         return None
-    tokens = [token_text(e["token_id"]) for e in entries]
+    rows = [(e["token_id"], e["logprob"], e["top_logprobs"]) for e in entries]
+    if echoed is not None and echoed.prompt_logprobs is not None:
+        rows = [(t, e and e["logprob"], e and e["top_logprobs"]) for t, e in
+                zip(echoed.prompt_token_ids, echoed.prompt_logprobs, strict=True)] + rows
+    tokens = [token_text(t) for t, _, _ in rows]
     return {
         "tokens": tokens,
-        "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [
-            {token_text(t): lp for t, lp in e["top_logprobs"].items()} for e in entries
-        ],
+        "token_logprobs": [lp for _, lp, _ in rows],
+        "top_logprobs": [None if top is None else {token_text(t): lp for t, lp in top.items()}
+                         for _, _, top in rows],
         "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
     }
 
@@ -120,7 +126,8 @@ def openai_response(job: Job, outputs: list[RequestOutput], request_id: str, mod
                 choice["logprobs"] = _chat_logprobs(c.logprobs, token_text)
             else:
                 choice["text"] = ((out.prompt or "") if job.echo else "") + c.text
-                choice["logprobs"] = _completion_logprobs(c, token_text)
+                choice["logprobs"] = _completion_logprobs(c, token_text,
+                                                          echoed=out if job.echo else None)
             choices.append(choice)
     is_chat = job.kind is ApiKind.CHAT
     return {

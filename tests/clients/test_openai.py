@@ -63,3 +63,20 @@ def test_openai_stop_ends_text_tokens_and_logprobs_together(client, expected):
     streamed_tokens = [t for c in chunks if c.choices[0].logprobs
                        for t in c.choices[0].logprobs.tokens]
     assert streamed_tokens == choice.logprobs.tokens
+
+
+def test_openai_echo_with_logprobs_scores_the_prompt(client, tiny_offline):
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=1, prompt_logprobs=1)
+    [reference] = tiny_offline.generate([PROMPT], params)
+    result = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
+                                       echo=True, logprobs=1)
+    choice = result.choices[0]
+    assert choice.text == PROMPT + reference.text
+    num_prompt = len(reference.prompt_token_ids)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == num_prompt + 3
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:num_prompt] == pytest.approx(
+        [e["logprob"] for e in reference.prompt_logprobs[1:]], abs=1e-5)
+    assert logprobs.token_logprobs[num_prompt:] == pytest.approx(
+        [e["logprob"] for e in reference.outputs[0].logprobs], abs=1e-5)
