@@ -1,7 +1,8 @@
 """A load's progress, observable while it runs (another thread reads it). Pure Python: the server
 imports it before torch, to answer /ping from the first moment.
 
-Phases in order: imports, config, tokenizer, weights, kv_cache, then ready. Each phase's start is
+Phases in order: starting (nothing begun yet), imports, config, tokenizer, weights, kv_cache,
+then ready. Each phase's start is
 kept (wall-clock seconds), so /ping and /metrics show where a slow start spends its time. The byte
 total is known before the first byte (file sizes, or the S3 object's), so bytes count up from 0.
 """
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-LOAD_PHASES = ("imports", "config", "tokenizer", "weights", "kv_cache", "ready")
+LOAD_PHASES = ("starting", "imports", "config", "tokenizer", "weights", "kv_cache", "ready")
 
 
 @dataclass
@@ -67,9 +68,10 @@ class LoadProgress:
         """Seconds spent in each phase begun so far (the current one: so far)."""
         with self._lock:
             starts = list(self.phase_started_at.items())
-        ends = [t for _, t in starts[1:]] + [time.time()]
+        # Each phase ends where the next begins; the current one, now.
+        times = [t for _, t in starts] + [time.time()]
         return {name: round(end - begin, 3)
-                for (name, begin), end in zip(starts, ends, strict=False) if name != "ready"}
+                for (name, begin), end in zip(starts, times[1:], strict=True) if name != "ready"}
 
     def snapshot(self) -> dict[str, Any]:
         elapsed = self.elapsed_s

@@ -27,6 +27,7 @@ class _SeqState:
     wants_logprobs: bool
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    cumulative_logprob: float = 0.0  # over the reported tokens
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_reported: int = 0
@@ -174,6 +175,8 @@ class OutputProcessor:
         begin = seq.num_reported
         end = seq.num_reported = detok.num_released_tokens(len(seq.token_ids), seq.is_finished)
         logprobs = seq.logprobs[:end] if seq.wants_logprobs else None
+        if logprobs is not None:
+            seq.cumulative_logprob += sum(e["logprob"] for e in logprobs[begin:])
         has_text = detok.tokenizer is not None
         return CompletionOutput(
             index=index,
@@ -187,6 +190,5 @@ class OutputProcessor:
             token_texts=detok.token_texts(0, end) if has_text and seq.is_finished else None,
             logprobs=logprobs,
             delta_logprobs=logprobs[begin:] if logprobs is not None else None,
-            cumulative_logprob=(sum(e["logprob"] for e in logprobs)
-                                if logprobs is not None else None),
+            cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Any
 
 from engine import CompletionOutput, RequestOutput
@@ -95,7 +96,7 @@ def _completion_logprobs(c: CompletionOutput, token_text: TokenText,
         "token_logprobs": [lp for _, lp, _ in rows],
         "top_logprobs": [None if top is None else {token_text(t): lp for t, lp in top.items()}
                          for _, _, top in rows],
-        "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+        "text_offset": list(accumulate((len(t) for t in tokens), initial=0))[: len(tokens)],
     }
 
 

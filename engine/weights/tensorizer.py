@@ -64,7 +64,8 @@ class TensorizerSource(WeightSource):
             self._tmp = tempfile.TemporaryDirectory(prefix="model-")
             location = S3Location.parse(self.uri)
             self._client = s3_client(self.s3_endpoint)
-            self._weights_bytes = object_size(self._client, location, WEIGHTS_FILE)
+            self._weights_bytes = (self.early_reader.size if self.early_reader is not None
+                                   else object_size(self._client, location, WEIGHTS_FILE))
             download_files(self._client, location, list(SIDE_FILES), Path(self._tmp.name),
                            required=("config.json",))
             self._local_dir = Path(self._tmp.name)
@@ -103,7 +104,7 @@ class TensorizerSource(WeightSource):
             return file, path.stat().st_size, NUM_READERS
         self._files_dir()
         size = self._weights_bytes or 0
-        if self.early_reader is not None and self.early_reader.size == size:
+        if self.early_reader is not None:
             return self.early_reader, size, 1
         # boto3 signs each ranged GET (temporary credentials included) and several are in
         # flight at once: one tensorizer reader consumes them in order.
