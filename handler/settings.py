@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of free GPU memory for the KV cache")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
         help="reuse the KV cache of shared prompt prefixes")
-    add("--attention-backend", default=None, choices=["torch", "triton"],
-        help="attention kernels (default: triton on GPU, torch on CPU)")
+    add("--attention-backend", default=None, choices=["torch", "triton", "cpu"],
+        help="attention kernels (default: triton on GPU; on the CPU the C++ kernels, the torch "
+        "references until they are loaded or built)")
     add("--s3-endpoint", default=None,
         help="S3-compatible endpoint for s3:// models (default: $AWS_ENDPOINT_URL_S3, "
         "$AWS_ENDPOINT_URL, else AWS)")

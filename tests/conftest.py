@@ -13,6 +13,16 @@ from tests.handler.server import serve  # noqa: E402
 from tests.tiny_models import TINY_MODEL_KINDS, make_tiny_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels() -> None:
+    """Loaded (built if need be) before any engine starts, so every engine on the default CPU
+    backend runs the C++ kernels from its first step, not from whenever a background load lands.
+    Tests that want the references ask for attention_backend="torch"."""
+    from engine.kernels import cpu_ops
+
+    cpu_ops.load()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     """A Hugging Face folder (safetensors, config, tokenizer) per tiny random architecture."""

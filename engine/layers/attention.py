@@ -67,6 +67,10 @@ def get_attention_backend(name: str) -> AttentionBackend:
         from engine.kernels.backend import TritonBackend
 
         return TritonBackend()
+    if name == "cpu":
+        from engine.kernels.cpu_backend import CpuBackend
+
+        return CpuBackend()
     raise ValueError(f"unknown attention backend {name!r}")
 
 

@@ -1,6 +1,7 @@
 """The CPU variant of the image, built and run with podman: `serve` with a mounted /opt/ml/model
 holding the tensorized embedded model answers /ping and /invocations through the published port,
-gives the offline engine's greedy text, and stops cleanly on SIGTERM.
+gives the offline engine's greedy text, runs the C++ CPU kernels built into it, and stops cleanly
+on SIGTERM.
 
 Needs podman, runc and the image built by scripts/container/build.sh (`make test-container`).
 """
@@ -73,6 +74,13 @@ def test_image_serves_and_stops_cleanly(model_dir):
         expected = LLM(str(model_dir), max_model_len=1024).generate(
             [body["inputs"]], SamplingParams(temperature=0, max_tokens=12))[0].text
         assert response.json() == [{"generated_text": expected}]
+        # The C++ CPU kernels come built in the image (it has no compiler) and are loaded.
+        for _ in range(60):  # a liveness bound for the background load, not a timing assert
+            logs = _podman("logs", name)
+            if "attention: C++ CPU kernels" in logs.stdout + logs.stderr:
+                break
+            time.sleep(0.5)
+        assert "attention: C++ CPU kernels" in logs.stdout + logs.stderr, logs.stderr[-2000:]
         inspect = _podman("inspect", "--format", "{{.Config.User}}", name)
         assert inspect.stdout.strip() == "10001"
         assert _podman("stop", "-t", "30", name).returncode == 0

@@ -24,10 +24,13 @@ def _expected(folder: str, prompts: list[list[int]]) -> list[list[int]]:
 PROMPTS = random_prompts(10, 1, 90, seed=7)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])  # the C++ kernels and the references
 @pytest.mark.parametrize("kind", TINY_MODEL_KINDS)
-def test_chunked_prefill_matches(tiny_model_dirs, kind):
+def test_chunked_prefill_matches(tiny_model_dirs, kind, backend):
     folder = tiny_model_dirs[kind]
-    llm = LLM(folder, max_num_batched_tokens=24, max_num_seqs=4, enable_prefix_caching=False)
+    llm = LLM(folder, max_num_batched_tokens=24, max_num_seqs=4, enable_prefix_caching=False,
+              attention_backend=backend)
+    assert llm.engine.runner.backend.name == backend
     outputs = llm.generate(PROMPTS, _greedy())
     assert [o.token_ids for o in outputs] == _expected(folder, PROMPTS)
     assert all(o.finish_reason == "length" for o in outputs)

@@ -1,0 +1,101 @@
+"""The C++ CPU kernels (engine/kernels/cpu/) against the torch references, built on this machine.
+
+Same inputs as the Triton tests: scattered blocks, contexts on and around block boundaries, a
+1-token context, padded tables and padding slots; head sizes with a compiled-in loop (64, 128) and
+the generic one (16, 80).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.kernels import cpu_ops, reference
+from tests.engine.kernels.test_kernels import (
+    DTYPES,
+    NUM_KV_HEADS,
+    TOLERANCE,
+    _context_lens,
+    _paged_cache,
+    _rel_error,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    # CI machines have a compiler: no kernels there is a failure, not a skip.
+    assert cpu_ops.load(), "the C++ CPU kernels did not build (see the log)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_attention_matches_reference(dtype, group, head_dim, block_size):
+    context_lens = _context_lens(block_size)
+    k_cache, v_cache, tables = _paged_cache(context_lens, block_size, head_dim, dtype)
+    query = torch.randn(len(context_lens), NUM_KV_HEADS * group, head_dim).to(dtype)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    scale = head_dim**-0.5
+    expected = reference.paged_decode_attention_reference(
+        query.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
+    actual = torch.ops.llm_cpu.paged_decode_attention(query, k_cache, v_cache, tables, lens, scale)
+    assert actual.dtype == dtype and actual.shape == query.shape
+    assert _rel_error(actual, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_store_kv_matches_reference(dtype, head_dim):
+    k_cache, v_cache, _ = _paged_cache([48], 16, head_dim, dtype)
+    num_tokens = 9
+    key = torch.randn(num_tokens, NUM_KV_HEADS, head_dim).to(dtype)
+    value = torch.randn(num_tokens, NUM_KV_HEADS, head_dim).to(dtype)
+    slots = torch.randperm(k_cache.shape[0] * 16)[:num_tokens]
+    slots[[2, 5]] = -1  # padding
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv_reference(key, value, expected_k, expected_v, slots)
+    torch.ops.llm_cpu.store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_kernels_refuse_bad_arguments():
+    k_cache, v_cache, tables = _paged_cache([20], 16, 64, torch.float32)
+    query = torch.randn(1, 2, 64)
+    lens = torch.tensor([20], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        torch.ops.llm_cpu.paged_decode_attention(query.half(), k_cache, v_cache, tables, lens, 0.1)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.llm_cpu.paged_decode_attention(query[..., :32], k_cache, v_cache, tables, lens,
+                                                 0.1)
+    with pytest.raises(RuntimeError, match="one slot per new token"):
+        torch.ops.llm_cpu.store_kv(torch.randn(3, 2, 64), torch.randn(3, 2, 64), k_cache, v_cache,
+                                   torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.llm_cpu.store_kv(torch.randn(1, 2, 64), torch.randn(1, 2, 64), k_cache, v_cache,
+                                   torch.tensor([10**6]))
+
+
+def test_library_name_changes_with_the_capability():
+    names = {cpu_ops.library_name(cap) for cap in cpu_ops.CAPABILITY_FLAGS}
+    assert len(names) == len(cpu_ops.CAPABILITY_FLAGS)
+    assert cpu_ops.capability().lower() in cpu_ops.library_name(cpu_ops.capability())
+
+
+def test_engine_serves_on_the_references_until_the_kernels_load(tiny_llama_dir, monkeypatch):
+    from engine import LLM, SamplingParams
+
+    monkeypatch.setattr(cpu_ops, "_is_loaded", False)  # as on a start with nothing loaded yet
+    llm = LLM(tiny_llama_dir, max_num_seqs=2)
+    runner = llm.engine.runner
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], list(range(30, 70))]
+    before = [o.token_ids for o in llm.generate(prompts, params)]  # on either backend
+    for _ in range(600):  # a liveness bound (the library is cached): not a timing assert
+        if runner.backend.name == "cpu":
+            break
+        threading.Event().wait(0.1)
+    assert runner.backend.name == "cpu"
+    assert [o.token_ids for o in llm.generate(prompts, params)] == before
