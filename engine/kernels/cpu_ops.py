@@ -54,11 +54,11 @@ def build(cap: str) -> Path:
     from torch.utils import cpp_extension
 
     name = library_name(cap)
-    folder = Path(cpp_extension.get_default_build_root()) / name
+    # $TORCH_EXTENSIONS_DIR/<name>, else ~/.cache/torch_extensions/py311_cpu/<name> (torch 2.13)
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
     library = folder / f"{name}.so"
     if library.exists():  # read-only folders (the image's) are fine once built
         return library
-    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
         if not library.exists():
