@@ -24,12 +24,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cpp"))
-COMMON_FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-std=c++17")
+COMMON_FLAGS = ("-O3", "-ffast-math", "-fopenmp")
+# ATen's vector types (at::vec::Vectorized) pick their width from the CPU_CAPABILITY macros.
 CAPABILITY_FLAGS = {
-    "DEFAULT": (),
-    "AVX2": ("-mavx2", "-mfma", "-mf16c"),
+    "DEFAULT": ("-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"),
+    "AVX2": ("-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"),
     "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
-               "-mf16c"),
+               "-mf16c", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"),
 }
 
 _lock = threading.Lock()

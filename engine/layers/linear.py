@@ -4,6 +4,12 @@ Eager `F.linear` walks a plain [out, in] matrix through a generic GEMM on every 
 counts of decoding (1-64 rows) oneDNN with its weights reordered ahead of time runs 1.5-2x faster
 on this project's machines (`bench/linear.py`), in fp32 and bf16 alike; it is the rewrite
 Inductor makes when it freezes a graph for the CPU, done here without compiling anything.
+
+Below that, at 1-4 rows (one to four users decoding), the step is bound by reading the weights and
+oneDNN reads them at ~16-23 GB/s: there the C++ kernel `llm_cpu::small_batch_linear`
+(engine/kernels/cpu/gemv.cpp) streams each plain weight row once, llama.cpp's way, 1.2x faster
+in fp32 and 1.2-1.4x in bf16 over the whole step (`bench/decode_step.py`). That keeps the plain
+weights beside the packed ones: twice the weights' memory, the price of both paths.
 """
 
 from __future__ import annotations
@@ -11,9 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.kernels import cpu_ops
+
 # The row count oneDNN lays the weights out for. It is a hint, not a limit: any row count runs.
 # 32 measured as good as the exact count at 1 and 8 rows, and better at 32 and in prefill.
 PACK_ROWS_HINT = 32
+# Rows up to which the small-batch kernel beats oneDNN (measured at 1-4; its limit is 4).
+MAX_SMALL_BATCH_ROWS = 4
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -25,7 +35,8 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """`F.linear(x, weight, bias)` for 2-D `x`, with `weight` held only in oneDNN's layout."""
+    """`F.linear(x, weight, bias)` for 2-D `x`: oneDNN's packed weight, or the plain one through
+    the small-batch kernel at a few rows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -35,8 +46,11 @@ class PackedLinear(nn.Module):
             weight.detach(), PACK_ROWS_HINT
         )
         self.bias = None if bias is None else bias.detach()
+        self.weight = weight.detach()  # plain [out, in], for the small-batch kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= MAX_SMALL_BATCH_ROWS and cpu_ops.is_loaded():
+            return torch.ops.llm_cpu.small_batch_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -44,7 +58,7 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every `nn.Linear` of `model` by a `PackedLinear` (the plain weight is dropped);
+    """Replace every `nn.Linear` of `model` by a `PackedLinear`;
     return how many. A tied output head gets its own packed copy of the embedding."""
     num_packed = 0
     for module in list(model.modules()):

@@ -99,3 +99,24 @@ def test_engine_serves_on_the_references_until_the_kernels_load(tiny_llama_dir, 
         threading.Event().wait(0.1)
     assert runner.backend.name == "cpu"
     assert [o.token_ids for o in llm.generate(prompts, params)] == before
+
+
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("in_features", [64, 40, 576])  # 40: a tail shorter than one vector
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_batch_linear_matches_f_linear(weight_dtype, rows, in_features, with_bias):
+    weight = (torch.randn(37, in_features) / in_features**0.5).to(weight_dtype)
+    bias = torch.randn(37).to(weight_dtype) if with_bias else None
+    x = torch.randn(rows, in_features).to(weight_dtype)
+    expected = torch.nn.functional.linear(
+        x.float(), weight.float(), None if bias is None else bias.float())
+    actual = torch.ops.llm_cpu.small_batch_linear(x, weight, bias)
+    assert actual.dtype == weight_dtype and actual.shape == (rows, 37)
+    if rows:
+        assert _rel_error(actual, expected) < TOLERANCE[weight_dtype]
+
+
+def test_small_batch_linear_refuses_more_rows_than_it_serves():
+    with pytest.raises(RuntimeError, match="at most 4 rows"):
+        torch.ops.llm_cpu.small_batch_linear(torch.randn(5, 8), torch.randn(3, 8), None)
