@@ -70,6 +70,8 @@ def variant(args: argparse.Namespace) -> dict[str, Any]:
 
 def environment(args: argparse.Namespace) -> dict[str, str]:
     env = dict(item.split("=", 1) for item in args.env)
+    if args.tensor_parallel_size > 1:  # the instance's GPUs (ml.g5.12xlarge: 4)
+        env.setdefault("SM_LLM_TENSOR_PARALLEL_SIZE", str(args.tensor_parallel_size))
     if args.serverless:
         env.setdefault("SM_LLM_LOAD_ON_FIRST_REQUEST", "true")  # /ping must pass in 3 min
         env.setdefault("SM_LLM_DEVICE", "cpu")
@@ -116,6 +118,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=4)
     p.add_argument("--instance-type", default="ml.g5.xlarge")
     p.add_argument("--instances", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model across this many GPUs of the instance")
     p.add_argument("--startup-timeout", type=int, default=1800,
                    help="ContainerStartupHealthCheckTimeoutInSeconds (60-3600)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

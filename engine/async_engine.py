@@ -173,10 +173,20 @@ class AsyncLLM:
             self._post("abort", request_id)
         return len(request_ids)
 
+    def failure(self) -> str | None:
+        """Why the engine cannot serve any more (its loop died, or a tensor-parallel worker is
+        gone, noticed here even while idle), or None."""
+        if self.error is not None:
+            return f"the engine loop stopped: {self.error!r}"
+        executor = self.engine.executor
+        return executor.dead_worker() if executor is not None else None
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # the loop no longer steps: the workers can stop
+            self.engine.shutdown()
 
     def _post(self, command: str, payload: object) -> None:
         with self._lock:

@@ -38,6 +38,8 @@ class EngineConfig:
     verify_weights: bool = True  # check tensorizer's per-tensor checksums while loading
     # CPU: build a compiled one-sequence decode step in the background (engine/compiled_decode.py)
     compile_decode: bool = False
+    # Ranks the model is split across (engine/distributed/): worker processes on this host.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -58,6 +60,11 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.compile_decode:
+            raise ValueError("compile_decode runs on one rank: not with tensor_parallel_size > 1")
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "

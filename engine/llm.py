@@ -22,6 +22,16 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.hf_tokenizer
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (they also exit with this one)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],

@@ -18,6 +18,10 @@ import torch
 
 from engine.block_manager import BlockManager, cdiv
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.distributed.executor import MultiprocExecutor
+from engine.distributed.sharding import check_divisible, shard_model
+from engine.distributed.tensor_parallel import SINGLE, TensorParallel, init_tensor_parallel
+from engine.distributed.worker import rank_model_config, threads_per_rank
 from engine.engine_core import EngineCore
 from engine.input_processor import EngineRequest, InputLimits, InputProcessor, RequestError
 from engine.kernels import cpu_ops
@@ -37,7 +41,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 << 30
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-__all__ = ["LLMEngine", "RequestError"]
+__all__ = ["LLMEngine", "RequestError", "WorkerDiedError"]
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker process is gone."""
 
 
 def resolve_dtype(requested: str, model_dtype: str, device: torch.device) -> torch.dtype:
@@ -61,6 +69,7 @@ class LLMEngine:
         self.progress.start(source.total_bytes())
         self.progress.set_phase("config")
         self.model_config = ModelConfig.from_hf(source.hf_config())
+        self.tp, self.executor = self._start_tensor_parallel()
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()
         self.progress.set_phase("tokenizer")
@@ -78,6 +87,8 @@ class LLMEngine:
             "loaded %s (%s, %.1f M params) in %.2f s", source.uri, self.dtype,
             self.model_config.num_params / 1e6, self.load_seconds,
         )
+        shard_model(model, self.tp)
+        self.rank_model_config = rank_model_config(self.model_config, self.tp.world_size)
         self.progress.set_phase("kv_cache")
         self.cache_config = CacheConfig(
             config.block_size, self._num_blocks(), config.enable_prefix_caching
@@ -91,10 +102,12 @@ class LLMEngine:
         )
         backend_name = config.resolved_attention_backend
         is_cpu_pending = backend_name == "cpu" and not cpu_ops.is_loaded()
+        self.tp.broadcast((self.cache_config, self.max_model_len, backend_name))  # to workers
         self.runner = ModelRunner(
-            model.eval(), self.model_config, self.cache_config, self.max_model_len, self.device,
-            self.dtype, get_attention_backend("torch" if is_cpu_pending else backend_name),
-            config.compile_decode,
+            model.eval(), self.rank_model_config, self.cache_config, self.max_model_len,
+            self.device, self.dtype,
+            get_attention_backend("torch" if is_cpu_pending else backend_name),
+            config.compile_decode, self.tp,
         )
         if is_cpu_pending:
             threading.Thread(target=self._load_cpu_kernels, name="cpu-kernels", daemon=True).start()
@@ -107,7 +120,27 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.progress.finish()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op on one rank). Idempotent."""
+        if self.executor is not None:
+            executor, self.executor = self.executor, None
+            executor.shutdown(self.tp)
+
     # -- setup ----------------------------------------------------------------------------------
+
+    def _start_tensor_parallel(self) -> tuple[TensorParallel, MultiprocExecutor | None]:
+        """Check the model splits, start ranks 1..N-1 loading, join them as rank 0."""
+        world_size = self.config.tensor_parallel_size
+        if world_size == 1:
+            return SINGLE, None
+        check_divisible(self.model_config, world_size)
+        torch.set_num_threads(threads_per_rank(world_size))
+        executor = MultiprocExecutor(self.config)
+        try:
+            return init_tensor_parallel(0, world_size, executor.init_method, self.device), executor
+        except Exception:
+            executor.shutdown(SINGLE)
+            raise
 
     def _load_cpu_kernels(self) -> None:
         """Off the start's path: a cached library loads in milliseconds, a first build takes
@@ -142,7 +175,7 @@ class LLMEngine:
         return tuple(ids)
 
     def _num_blocks(self) -> int:
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.rank_model_config, self.config.block_size, self.dtype)
         if self.config.kv_cache_memory is not None:
             memory = self.config.kv_cache_memory
         elif self.device.type == "cuda":
@@ -195,6 +228,9 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.executor is not None and (dead := self.executor.dead_worker()) is not None:
+            # Without all its ranks the model cannot run: the engine stops (and /ping says why).
+            raise WorkerDiedError(dead)
         processed = self.output_processor.process(self.core.step())
         for request_id, index in processed.stopped_seqs:
             self.core.finish_seq(request_id, index, FinishReason.STOP)

@@ -17,6 +17,7 @@ from torch import nn
 from engine.block_manager import cdiv
 from engine.compiled_decode import CompiledDecodeStep, DecodeInputs
 from engine.config import CacheConfig, ModelConfig
+from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.linear import can_pack, pack_linears
 from engine.layers.rotary import RotaryEmbedding
@@ -38,6 +39,18 @@ class StepOutput:
     sample_seqs: list[Sequence]
     # New prompt logprobs of the sequences that asked (entries as the sampler's logprobs).
     prompt_logprobs: list[tuple[Sequence, list[dict]]]
+
+
+@dataclass
+class StepInputs:
+    """What every rank needs to run a step's forward: the driver prepares it, and with tensor
+    parallelism broadcasts it (the workers never see sequences)."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # [num_sampling] rows whose logits are sampled
+    prompt_row_ranges: list[tuple[int, int]]  # (first row, rows) scored for prompt logprobs
 
 
 @dataclass
@@ -68,9 +81,11 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
         max_model_len: int, device: torch.device, dtype: torch.dtype, backend: AttentionBackend,
-        compile_decode: bool = False,
+        compile_decode: bool = False, tp: TensorParallel = SINGLE,
     ):
+        """`model_config`: this rank's share of the model (its heads) when sharded."""
         self.model, self.config, self.device, self.backend = model, model_config, device, backend
+        self.tp = tp
         self.block_size = cache_config.block_size
         self.max_blocks = cdiv(max_model_len, self.block_size)
         c = model_config
@@ -103,16 +118,25 @@ class ModelRunner:
         compiled = self._compiled_decode(batch)
         if compiled is not None:
             return compiled
-        input_ids, positions, meta, sample_indices, sample_seqs, prompt_rows = self._prepare(batch)
-        cos, sin = self.rotary.lookup(positions)
-        ctx = ForwardContext(cos, sin, meta, self.kv_caches, self.backend)
-        hidden = self.model(input_ids, ctx)
-        prompt_logprobs = [(r.seq, self._prompt_logprobs(hidden, r)) for r in prompt_rows]
-        if not sample_seqs:
+        inputs, sample_seqs, prompt_rows = self._prepare(batch)
+        self.tp.broadcast(inputs)  # to the other ranks' worker loops (no-op on one rank)
+        sample_logits, prompt_logits = self.forward(inputs)
+        prompt_logprobs = [(r.seq, self._prompt_logprobs(logits, r))
+                           for r, logits in zip(prompt_rows, prompt_logits, strict=True)]
+        return StepOutput(sample_logits.float(), sample_seqs, prompt_logprobs)
+
+    def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits of the sampling rows [num_sampling, vocab] and of each prompt-logprob
+        range. Every rank runs it on the same inputs: the collectives inside pair up."""
+        cos, sin = self.rotary.lookup(inputs.positions)
+        ctx = ForwardContext(cos, sin, inputs.meta, self.kv_caches, self.backend)
+        hidden = self.model(inputs.input_ids, ctx)
+        prompt_logits = [self.model.compute_logits(hidden[first : first + num_rows])
+                         for first, num_rows in inputs.prompt_row_ranges]
+        if inputs.sample_indices.numel() == 0:
             empty = hidden.new_empty(0, self.config.vocab_size, dtype=torch.float32)
-            return StepOutput(empty, [], prompt_logprobs)
-        logits = self.model.compute_logits(hidden[sample_indices])
-        return StepOutput(logits.float(), sample_seqs, prompt_logprobs)
+            return empty, prompt_logits
+        return self.model.compute_logits(hidden[inputs.sample_indices]), prompt_logits
 
     def _compiled_decode(self, batch: ScheduledBatch) -> StepOutput | None:
         """The step through the compiled graph, when it is built and the step is one sequence
@@ -135,10 +159,9 @@ class ModelRunner:
         )
         return StepOutput(step(inputs), [seq], [])
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, rows: _PromptRows) -> list[dict]:
+    def _prompt_logprobs(self, logits: torch.Tensor, rows: _PromptRows) -> list[dict]:
         """Each row's logprob of the prompt token after it, and the top ones when asked."""
-        hidden_rows = hidden[rows.first_row : rows.first_row + rows.num_rows]
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden_rows).float(), dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         start = rows.first_position + 1
         target_ids = rows.seq.token_ids[start : start + rows.num_rows]
         chosen = logprobs.gather(1, self._tensor(target_ids, torch.int64)[:, None])[:, 0].tolist()
@@ -194,10 +217,12 @@ class ModelRunner:
             prefill_block_tables=self._block_tables([s for s, _ in prefills], context_lens),
             max_prefill_q_len=max(q_lens, default=0),
         )
-        return (
+        inputs = StepInputs(
             self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-            self._tensor(sample_indices, torch.int64), sample_seqs, prompt_rows,
+            self._tensor(sample_indices, torch.int64),
+            [(r.first_row, r.num_rows) for r in prompt_rows],
         )
+        return inputs, sample_seqs, prompt_rows
 
     def _block_tables(self, seqs: list[Sequence], context_lens: list[int]) -> torch.Tensor:
         """[num_seqs, max_blocks] of the blocks covering each context, padded with -1."""

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile-decode", action=argparse.BooleanOptionalAction, default=False,
         help="CPU: compile the one-sequence decode step in the background (~50 s of CPU, a C++ "
         "compiler and a second copy of the weights; 1.4x at one sequence) and swap it in")
+    add("--tensor-parallel-size", type=int, default=1,
+        help="split the model across this many ranks (worker processes on this host; gloo on "
+        "the CPU, NCCL on GPUs)")
     add("--verify-weights", action=argparse.BooleanOptionalAction, default=True,
         help="check the weights' per-tensor checksums while loading (a mismatch fails the "
         "load); --no-verify-weights skips it")
@@ -188,6 +191,7 @@ def parse_settings(
             enable_prefix_caching=args.enable_prefix_caching, max_model_len=args.max_model_len,
             attention_backend=args.attention_backend, s3_endpoint=s3_endpoint,
             verify_weights=args.verify_weights, compile_decode=args.compile_decode,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
         server = ServerSettings(
             host=args.host, port=port,

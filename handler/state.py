@@ -9,6 +9,7 @@ from typing import Any
 
 from engine import AsyncLLM, BackgroundLoader, EngineConfig, LoadState
 from handler.generation import GenerationService
+from handler.gpu_metrics import GpuMetrics
 from handler.metrics import Metrics
 from handler.protocol import ApiError
 from handler.settings import ServerSettings
@@ -25,18 +26,24 @@ class ServerState:
         self.connection_guard: Any = None  # set by the server that runs the app
         self._service_lock = asyncio.Lock()
         self.metrics.watch(self._engine_stats, self.loader.status)
+        self.gpu_metrics = GpuMetrics()
+        self.metrics.registry.register(self.gpu_metrics)
 
     def _engine_stats(self) -> dict[str, Any] | None:
         engine = self.loader.engine
         return engine.stats() if engine is not None else None
 
     def start(self) -> None:
+        self.gpu_metrics.start()
         if not self.settings.load_on_first_request:
             self.loader.start()
 
     def shutdown(self) -> None:
+        self.gpu_metrics.stop()
         if self.service is not None:
             self.service.llm.shutdown()
+        if self.loader.engine is not None:  # loaded but never served: its workers still stop
+            self.loader.engine.shutdown()
 
     def cancel_open_requests(self, reason: str) -> None:
         """End every open request now, each stream with its error record (event loop only)."""
@@ -47,9 +54,8 @@ class ServerState:
     def health(self) -> tuple[int, dict[str, Any]]:
         """/ping's answer: 200 ready, 503 loading, 500 failed or dead (with the reason)."""
         status = self.loader.status()
-        if self.service is not None and self.service.llm.error is not None:
-            return 500, {"status": "failed",
-                         "reason": f"the engine loop stopped: {self.service.llm.error!r}"}
+        if self.service is not None and (reason := self.service.llm.failure()) is not None:
+            return 500, {"status": "failed", "reason": reason}
         state = self.loader.state
         if state is LoadState.FAILED:
             return 500, status
@@ -62,8 +68,8 @@ class ServerState:
 
     async def get_service(self) -> GenerationService:
         if self.service is not None:
-            if self.service.llm.error is not None:
-                raise ApiError(503, f"the engine stopped: {self.service.llm.error!r}")
+            if (reason := self.service.llm.failure()) is not None:
+                raise ApiError(503, f"the engine stopped: {reason}")
             return self.service
         if self.settings.load_on_first_request:
             self.loader.start()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.distributed.tensor_parallel import SINGLE
 from engine.layers.attention import AttentionBackend, AttentionMetadata, paged_attention
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import apply_rotary
@@ -42,6 +43,7 @@ class Attention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.tp = SINGLE  # this rank's heads only once sharded (engine/distributed/sharding.py)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -50,7 +52,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = paged_attention(ctx.backend, q, k, v, k_cache, v_cache, ctx.attn, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))  # [num_tokens, hidden]
+        # [num_tokens, hidden]: the sum over ranks of each one's heads
+        return self.tp.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
 
 class MLP(nn.Module):
@@ -58,10 +61,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tp = SINGLE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
@@ -94,17 +98,33 @@ class LlamaForCausalLM(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        # Sharded, this rank holds vocabulary rows [vocab_start, vocab_start + rows) of the
+        # embedding and the head, the last rank's padded with zero rows to the same count.
+        self.tp, self.vocab_start = SINGLE, 0
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        x = self._embed(input_ids)  # [num_tokens, hidden]
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return self.embed_tokens(input_ids)
+        local_ids = input_ids - self.vocab_start
+        is_other = (local_ids < 0) | (local_ids >= self.embed_tokens.weight.shape[0])
+        x = self.embed_tokens(local_ids.masked_fill(is_other, 0))
+        return self.tp.all_reduce(x.masked_fill_(is_other[:, None], 0.0))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, vocab]: on every rank, each rank's slice of the vocabulary gathered."""
         if self.lm_head is None:  # tied to the embedding
-            return F.linear(hidden, self.embed_tokens.weight)
-        return self.lm_head(hidden)
+            logits = F.linear(hidden, self.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        if self.tp.world_size == 1:
+            return logits
+        return self.tp.all_gather_last_dim(logits)[:, : self.config.vocab_size]
 
     def packed_slice(self, name: str) -> tuple[str, int, int]:
         """Map a Hugging Face weight name to (our parameter, first row, number of rows).

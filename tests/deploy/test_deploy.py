@@ -42,9 +42,18 @@ def test_dry_run_instance_variant(tmp_path):
         "invoke_endpoint"]
     variant = _call(calls, "create_endpoint_config")["ProductionVariants"][0]
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 1800
+    assert "SM_LLM_TENSOR_PARALLEL_SIZE" not in _call(calls, "create_model")[
+        "PrimaryContainer"]["Environment"]
     source = _call(calls, "create_model")["PrimaryContainer"]["ModelDataSource"]["S3DataSource"]
     assert source == {"S3Uri": "s3://b/models/llm/", "S3DataType": "S3Prefix",
                       "CompressionType": "None"}
+
+
+def test_dry_run_tensor_parallel_on_a_multi_gpu_instance():
+    calls = _run(*COMMON, "--model-s3", "s3://b/m/", "--instance-type", "ml.g5.12xlarge",
+                 "--tensor-parallel-size", "4", "--dry-run")
+    env = _call(calls, "create_model")["PrimaryContainer"]["Environment"]
+    assert env["SM_LLM_TENSOR_PARALLEL_SIZE"] == "4"
 
 
 def test_dry_run_serverless(tmp_path):
@@ -112,9 +121,11 @@ def test_helm_chart_renders_valid_manifests():
 
 def test_helm_chart_options():
     objects = _manifests(persistence={"enabled": False}, autoscaling={"enabled": False},
-                         model="s3://bucket/model", env={"SM_LLM_MAX_NUM_SEQS": "8"})
+                         model="s3://bucket/model", env={"SM_LLM_MAX_NUM_SEQS": "8"},
+                         tensorParallelSize=2)
     assert set(objects) == {"Deployment", "Service"}
     [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SM_LLM_MODEL"] == "s3://bucket/model" and env["SM_LLM_MAX_NUM_SEQS"] == "8"
+    assert env["SM_LLM_TENSOR_PARALLEL_SIZE"] == "2"
     assert "volumeMounts" not in container

@@ -1,0 +1,82 @@
+"""`python -m handler --tensor-parallel-size 2`: answers as one rank does; a killed worker makes
+/ping 500 naming its rank and requests 503; SIGTERM stops the server and no process outlives it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+from engine import SamplingParams
+from tests.handler.test_startup import ROOT, _free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_ready(url: str, process: subprocess.Popen) -> None:
+    for _ in range(600):  # a liveness bound on the start, not a timing assert
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        try:
+            if httpx.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become ready")
+
+
+def _is_alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("kill_worker", [False, True])
+def test_two_ranks_serve_and_stop_with_the_server(tiny_llama_dir, tiny_offline, kill_worker):
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handler", "--model", tiny_llama_dir, "--host", "127.0.0.1",
+         "--port", str(port), "--tensor-parallel-size", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process)
+        workers = _workers(process.pid)
+        assert len(workers) == 1
+        body = {"prompt": [5, 6, 7, 8, 9], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        [expected] = tiny_offline.generate(
+            [body["prompt"]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        assert answer["choices"][0]["text"] == expected.text
+
+        if kill_worker:
+            _kill_and_check_the_server_says_so(url, workers[0], body)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        assert not [p for p in workers if _is_alive(p)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _kill_and_check_the_server_says_so(url: str, worker: psutil.Process, body: dict) -> None:
+    worker.kill()
+    for _ in range(300):  # gone, or a zombie its parent (the server) has yet to reap
+        if not _is_alive(worker):
+            break
+        time.sleep(0.1)
+    ping = httpx.get(url + "/ping", timeout=5)
+    assert ping.status_code == 500 and "rank 1 exited" in ping.json()["reason"]
+    refused = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert refused.status_code == 503 and "rank 1" in refused.json()["error"]["message"]
