@@ -66,7 +66,7 @@ def test_devices_get_gauges_from_the_last_reading_not_the_scrape():
     text = _scrape(metrics) + _scrape(metrics)
     assert nvml.num_reads == reads == 2  # one reading per device at start; scrapes read none
     assert 'llm_gpu_utilization_ratio{gpu="1"} 0.41' in text
-    assert f'llm_gpu_memory_used_bytes{{gpu="0"}} {float(2**30)}' in text
+    assert 'llm_gpu_memory_used_bytes{gpu="0"} 1.073741824e+09' in text
     assert 'llm_gpu_power_watts{gpu="0"} 150.5' in text
     assert 'llm_gpu_temperature_celsius{gpu="1"} 61.0' in text
     metrics.stop()
