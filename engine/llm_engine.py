@@ -70,6 +70,7 @@ class LLMEngine:
         self.progress.set_phase("config")
         self.model_config = ModelConfig.from_hf(source.hf_config())
         self.tp, self.executor = self._start_tensor_parallel()
+        source.use_rank(self.tp)
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()
         self.progress.set_phase("tokenizer")

@@ -42,8 +42,9 @@ def local_kv_heads(config: ModelConfig, world_size: int) -> int:
 
 
 def shard_model(model: nn.Module, tp: TensorParallel) -> None:
-    """In place: keep this rank's share of every weight (the rest is freed)."""
-    if tp.world_size == 1:
+    """In place: keep this rank's share of every weight (the rest is freed). A model already
+    cut for `tp` (loaded from a per-rank artifact) is left as it is."""
+    if tp.world_size == 1 or model.tp == tp:
         return
     config: ModelConfig = model.config
     check_divisible(config, tp.world_size)

@@ -69,6 +69,7 @@ def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: st
     device = rank_device(config, rank)
     tp = init_tensor_parallel(rank, world_size, init_method, device)
     source = open_source(config.model, config.s3_endpoint, config.verify_weights)
+    source.use_rank(tp)
     model_config = ModelConfig.from_hf(source.hf_config())
     dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
     model = source.load_model(model_class(model_config), model_config, device, dtype,

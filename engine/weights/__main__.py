@@ -1,4 +1,5 @@
-"""`python -m engine.weights tensorize SRC DEST [--dtype D] [--s3-endpoint URL]`."""
+"""`python -m engine.weights tensorize SRC DEST [--dtype D] [--s3-endpoint URL]
+[--tensor-parallel-size N]`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("src", help='a Hugging Face folder, a .gguf file, or "" (embedded SmolLM2)')
     cmd.add_argument("dest", help="a local folder or s3://bucket/prefix")
     cmd.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    cmd.add_argument("--tensor-parallel-size", type=int, default=1,
+                     help="cut the weights for N ranks: one model-rank-RRR.tensors each")
     cmd.add_argument(
         "--s3-endpoint",
         default=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
@@ -27,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        manifest = tensorize(args.src, args.dest, args.dtype, args.s3_endpoint)
+        manifest = tensorize(args.src, args.dest, args.dtype, args.s3_endpoint,
+                             args.tensor_parallel_size)
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

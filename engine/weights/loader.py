@@ -43,7 +43,7 @@ def open_source(
         return GGUFSource(path)
     if not path.is_dir():
         raise WeightsError(f"{model}: no such model folder or file")
-    if (path / "model.tensors").exists():
+    if (path / "model.tensors").exists() or (path / "model-rank-000.tensors").exists():
         from engine.weights.tensorizer import TensorizerSource
 
         return TensorizerSource(str(path), s3_endpoint=s3_endpoint, verify_hash=verify_hash)

@@ -39,6 +39,11 @@ class WeightSource(ABC):
     def generation_config(self) -> dict[str, Any]:
         return {}
 
+    def use_rank(self, tp: Any) -> None:
+        """The tensor-parallel rank this source loads for. Only per-rank artifacts care; from
+        any other source every rank loads the whole model and the engine cuts its share."""
+        return None
+
     @abstractmethod
     def load_model(
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,

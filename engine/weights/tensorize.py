@@ -2,11 +2,14 @@
 
 The artifact: `model.tensors` (this engine's module layout, in the chosen dtype), `config.json`,
 `generation_config.json`, the tokenizer files (chat template included) and `manifest.json`
-(dtype, parameter count, bytes, sha256 of the weights).
+(dtype, parameter count, bytes, sha256 of the weights). With `tensor_parallel_size` N > 1 the
+weights are cut for N ranks instead, one `model-rank-RRR.tensors` each (vLLM's layout), so that
+each rank of a tensor-parallel server reads only its share.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import shutil
@@ -18,11 +21,13 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig
+from engine.distributed.sharding import check_divisible, shard_model
+from engine.distributed.tensor_parallel import TensorParallel
 from engine.models import model_class
 from engine.weights.loader import open_source
 from engine.weights.s3 import S3Location, s3_client, upload_folder
 from engine.weights.source import LoadProgress
-from engine.weights.tensorizer import WEIGHTS_FILE, write_manifest
+from engine.weights.tensorizer import WEIGHTS_FILE, rank_weights_file, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +55,35 @@ def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(src: str, folder: Path, dtype: str) -> dict[str, Any]:
+def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    from tensorizer import TensorSerializer
+
+    serializer = TensorSerializer(str(path))
+    serializer.write_module(model, include_non_persistent_buffers=False)
+    serializer.close()
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _write_rank_weights(model: torch.nn.Module, folder: Path, num_ranks: int) -> dict[str, Any]:
+    """One file per rank, each the model cut as that rank of `num_ranks` cuts it."""
+    check_divisible(model.config, num_ranks)
+    files = []
+    for rank in range(num_ranks):
+        share = copy.deepcopy(model)
+        shard_model(share, TensorParallel(rank, num_ranks))
+        files.append(_write_weights(share, folder / rank_weights_file(rank)))
+        del share
+    return {
+        "tensor_parallel_size": num_ranks,
+        "rank_weights_bytes": [f["bytes"] for f in files],
+        "rank_weights_sha256": [f["sha256"] for f in files],
+    }
+
+
+def write_artifact(src: str, folder: Path, dtype: str,
+                   tensor_parallel_size: int = 1) -> dict[str, Any]:
     """Write the whole artifact into a local folder; return its manifest."""
     import json
-
-    from tensorizer import TensorSerializer
 
     source = open_source(src)
     hf_config = source.hf_config()
@@ -64,9 +93,11 @@ def write_artifact(src: str, folder: Path, dtype: str) -> dict[str, Any]:
         LoadProgress(),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    serializer = TensorSerializer(str(folder / WEIGHTS_FILE))
-    serializer.write_module(model, include_non_persistent_buffers=False)
-    serializer.close()
+    if tensor_parallel_size > 1:
+        weights = _write_rank_weights(model, folder, tensor_parallel_size)
+    else:
+        written = _write_weights(model, folder / WEIGHTS_FILE)
+        weights = {"weights_bytes": written["bytes"], "weights_sha256": written["sha256"]}
     (folder / "config.json").write_text(json.dumps(_clean_config(hf_config, dtype), indent=2))
     generation = source.generation_config() or {
         k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config
@@ -81,24 +112,26 @@ def write_artifact(src: str, folder: Path, dtype: str) -> dict[str, Any]:
         "model_type": model_config.model_type,
         "dtype": dtype,
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "weights_bytes": (folder / WEIGHTS_FILE).stat().st_size,
-        "weights_sha256": sha256_file(folder / WEIGHTS_FILE),
+        **weights,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_manifest(folder, manifest)
     return manifest
 
 
-def tensorize(src: str, dest: str, dtype: str = "float32", s3_endpoint: str | None = None
-              ) -> dict[str, Any]:
-    """Tensorize `src` (HF folder, .gguf, "" = embedded model) into `dest` (folder or s3://)."""
+def tensorize(src: str, dest: str, dtype: str = "float32", s3_endpoint: str | None = None,
+              tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """Tensorize `src` (HF folder, .gguf, "" = embedded model) into `dest` (folder or s3://),
+    whole or cut for `tensor_parallel_size` ranks."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     if not dest.startswith("s3://"):
-        return write_artifact(src, Path(dest), dtype)
+        return write_artifact(src, Path(dest), dtype, tensor_parallel_size)
     location = S3Location.parse(dest)
     with tempfile.TemporaryDirectory(prefix="tensorize-") as staging:
-        manifest = write_artifact(src, Path(staging), dtype)
+        manifest = write_artifact(src, Path(staging), dtype, tensor_parallel_size)
         upload_folder(s3_client(s3_endpoint), Path(staging), location)
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

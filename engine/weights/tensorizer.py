@@ -1,5 +1,6 @@
 """Tensorizer artifacts: `model.tensors` plus config, tokenizer and manifest files, in a local
-folder or under an `s3://` prefix.
+folder or under an `s3://` prefix. An artifact made for N tensor-parallel ranks holds one
+`model-rank-RRR.tensors` per rank instead, and each rank reads only its own.
 
 Weights stream from S3 (or the disk) through tensorizer's concurrent readers straight into the
 target device, in the target dtype, into a model built on the meta device: no pickle, no second
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.distributed.sharding import shard_model
+from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.weights.prefetch import WEIGHTS_FILE
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
 from engine.weights.s3_reader import S3ObjectReader
@@ -39,6 +42,11 @@ SIDE_FILES = (
 NUM_READERS = 4
 
 
+def rank_weights_file(rank: int) -> str:
+    """One rank's weights in an artifact made for tensor parallelism (vLLM's naming)."""
+    return f"model-rank-{rank:03d}.tensors"
+
+
 class CorruptWeightsError(WeightsError):
     """The weights file is truncated or does not match its hashes."""
 
@@ -55,6 +63,20 @@ class TensorizerSource(WeightSource):
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._client: Any = None
         self._weights_bytes: int | None = None
+        self.tp = SINGLE  # the engine's rank (rank 0, the driver, until told otherwise)
+
+    def use_rank(self, tp: TensorParallel) -> None:
+        self.tp = tp
+
+    def num_artifact_ranks(self) -> int:
+        """How many ranks the artifact was cut for (1: whole, every rank cuts its share)."""
+        return int(self.manifest().get("tensor_parallel_size", 1))
+
+    @property
+    def weights_file(self) -> str:
+        if self.num_artifact_ranks() > 1:
+            return rank_weights_file(self.tp.rank)
+        return WEIGHTS_FILE
 
     # -- the small files ------------------------------------------------------------------------
 
@@ -64,18 +86,30 @@ class TensorizerSource(WeightSource):
             self._tmp = tempfile.TemporaryDirectory(prefix="model-")
             location = S3Location.parse(self.uri)
             self._client = s3_client(self.s3_endpoint)
-            self._weights_bytes = (self.early_reader.size if self.early_reader is not None
-                                   else object_size(self._client, location, WEIGHTS_FILE))
             download_files(self._client, location, list(SIDE_FILES), Path(self._tmp.name),
                            required=("config.json",))
             self._local_dir = Path(self._tmp.name)
         return self._local_dir
 
+    def _early_reader(self) -> S3ObjectReader | None:
+        """The prefetched weights, if they are this rank's (prefetch reads `model.tensors`)."""
+        if self.early_reader is not None and self.weights_file != WEIGHTS_FILE:
+            self.early_reader.close()
+            self.early_reader = None
+        return self.early_reader
+
+    def _s3_weights_bytes(self) -> int:
+        if self._weights_bytes is None:
+            self._files_dir()
+            early = self._early_reader()
+            self._weights_bytes = early.size if early is not None else object_size(
+                self._client, S3Location.parse(self.uri), self.weights_file)
+        return self._weights_bytes
+
     def total_bytes(self) -> int:
         if self.is_s3:
-            self._files_dir()
-            return self._weights_bytes or 0
-        path = Path(self.uri) / WEIGHTS_FILE
+            return self._s3_weights_bytes()
+        path = Path(self.uri) / self.weights_file
         return path.stat().st_size if path.exists() else 0
 
     def hf_config(self) -> dict[str, Any]:
@@ -97,18 +131,17 @@ class TensorizerSource(WeightSource):
     def _open_weights(self) -> tuple[Any, int, int]:
         """The weights as a file, its size, and how many tensorizer readers to use on it."""
         if not self.is_s3:
-            path = self._files_dir() / WEIGHTS_FILE
+            path = self._files_dir() / self.weights_file
             if not path.exists():
-                raise WeightsError(f"{self.uri}: no {WEIGHTS_FILE}")
+                raise WeightsError(f"{self.uri}: no {self.weights_file}")
             file = open(path, "rb")  # noqa: SIM115 - closed by the caller
             return file, path.stat().st_size, NUM_READERS
-        self._files_dir()
-        size = self._weights_bytes or 0
-        if self.early_reader is not None:
+        size = self._s3_weights_bytes()
+        if self._early_reader() is not None:
             return self.early_reader, size, 1
         # boto3 signs each ranged GET (temporary credentials included) and several are in
         # flight at once: one tensorizer reader consumes them in order.
-        reader = S3ObjectReader(self._client, S3Location.parse(self.uri), WEIGHTS_FILE, size)
+        reader = S3ObjectReader(self._client, S3Location.parse(self.uri), self.weights_file, size)
         return reader, size, 1
 
     def load_model(
@@ -118,10 +151,17 @@ class TensorizerSource(WeightSource):
         from tensorizer import TensorDeserializer
         from tensorizer.serialization import HashMismatchError
 
+        num_ranks = self.num_artifact_ranks()
+        if num_ranks > 1 and num_ranks != self.tp.world_size:
+            raise ConfigMismatchError(
+                f"{self.uri}: the artifact was cut for {num_ranks} tensor-parallel ranks, this "
+                f"server runs {self.tp.world_size} (tensorize it again, or give the whole model)")
         stream, total_bytes, num_readers = self._open_weights()
         self._check_size(total_bytes)
         with torch.device("meta"):
             model = model_cls(config)
+            if num_ranks > 1:
+                shard_model(model, self.tp)  # the shapes of this rank's tensors
         try:
             deserializer = TensorDeserializer(
                 stream, device=device, dtype=dtype, lazy_load=True,
@@ -133,25 +173,28 @@ class TensorizerSource(WeightSource):
             raise
         except HashMismatchError as e:
             raise CorruptWeightsError(
-                f"{self.uri}/{WEIGHTS_FILE}: checksum mismatch, the file is corrupted ({e})"
+                f"{self.uri}/{self.weights_file}: checksum mismatch, the file is corrupted ({e})"
             ) from e
         except Exception as e:  # noqa: BLE001 - tensorizer's many read errors, one meaning
             cause = e.__cause__ or e.__context__
             if isinstance(cause, WeightsError):  # a read error of ours, raised in a reader
                 raise cause from e
             raise CorruptWeightsError(
-                f"{self.uri}/{WEIGHTS_FILE}: unreadable ({type(e).__name__}: {e})"
+                f"{self.uri}/{self.weights_file}: unreadable ({type(e).__name__}: {e})"
             ) from e
         finally:
             stream.close()
         return model
 
     def _check_size(self, total_bytes: int) -> None:
-        expected = self.manifest().get("weights_bytes")
+        manifest = self.manifest()
+        expected = manifest.get("weights_bytes")
+        if self.num_artifact_ranks() > 1:
+            expected = manifest["rank_weights_bytes"][self.tp.rank]
         if expected is not None and expected != total_bytes:
             raise CorruptWeightsError(
-                f"{self.uri}/{WEIGHTS_FILE}: {total_bytes} bytes, the manifest says {expected} "
-                "(truncated or replaced)"
+                f"{self.uri}/{self.weights_file}: {total_bytes} bytes, the manifest says "
+                f"{expected} (truncated or replaced)"
             )
 
     def _place_tensors(self, model: nn.Module, deserializer: Any, progress: LoadProgress) -> None:

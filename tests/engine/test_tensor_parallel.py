@@ -74,3 +74,26 @@ def test_a_dead_worker_stops_the_engine_naming_its_rank(tiny_llama_dir):
     finally:
         llm.shutdown()
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_a_per_rank_artifact_is_read_one_file_per_rank(tiny_llama_dir, tmp_path, where, request):
+    from engine.weights.errors import WeightsError
+    from engine.weights.tensorize import tensorize
+
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        request.getfixturevalue("s3")  # the bucket
+        dest = "s3://models/tiny-llama-tp2"
+    else:
+        endpoint, dest = None, str(tmp_path / "tp2")
+    manifest = tensorize(tiny_llama_dir, dest, "float32", endpoint, tensor_parallel_size=2)
+    assert manifest["tensor_parallel_size"] == 2 and len(manifest["rank_weights_bytes"]) == 2
+    whole = tensorize(tiny_llama_dir, str(tmp_path / "whole"), "float32")["weights_bytes"]
+    assert all(size < whole for size in manifest["rank_weights_bytes"])
+    expected = [hf_greedy(tiny_llama_dir, p, MAX_TOKENS) for p in PROMPTS[:3]]
+    with LLM(dest, tensor_parallel_size=2, s3_endpoint=endpoint) as llm:
+        assert llm.engine.progress.total_bytes == manifest["rank_weights_bytes"][0]
+        assert [o.token_ids for o in llm.generate(PROMPTS[:3], _greedy())] == expected
+    with pytest.raises(WeightsError, match="cut for 2 tensor-parallel ranks, this server runs 1"):
+        LLM(dest, s3_endpoint=endpoint)
