@@ -40,6 +40,7 @@ class EngineConfig:
     compile_decode: bool = False
     # Ranks the model is split across (engine/distributed/): worker processes on this host.
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # "mp": processes on this host; "ray": a cluster
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -63,6 +64,9 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError("distributed_executor_backend must be 'mp' or 'ray', "
+                             f"got {self.distributed_executor_backend!r}")
         if self.tensor_parallel_size > 1 and self.compile_decode:
             raise ValueError("compile_decode runs on one rank: not with tensor_parallel_size > 1")
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):

@@ -129,14 +129,19 @@ class LLMEngine:
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def _start_tensor_parallel(self) -> tuple[TensorParallel, MultiprocExecutor | None]:
+    def _start_tensor_parallel(self) -> tuple[TensorParallel, Any]:
         """Check the model splits, start ranks 1..N-1 loading, join them as rank 0."""
         world_size = self.config.tensor_parallel_size
         if world_size == 1:
             return SINGLE, None
         check_divisible(self.model_config, world_size)
         torch.set_num_threads(threads_per_rank(world_size))
-        executor = MultiprocExecutor(self.config)
+        if self.config.distributed_executor_backend == "ray":
+            from engine.distributed.ray_executor import RayExecutor
+
+            executor = RayExecutor(self.config)
+        else:
+            executor = MultiprocExecutor(self.config)
         try:
             return init_tensor_parallel(0, world_size, executor.init_method, self.device), executor
         except Exception:

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tensor-parallel-size", type=int, default=1,
         help="split the model across this many ranks (worker processes on this host; gloo on "
         "the CPU, NCCL on GPUs)")
+    add("--distributed-executor-backend", default="mp", choices=["mp", "ray"],
+        help="where ranks 1..N-1 run: mp, processes on this host; ray, actors of a Ray cluster "
+        "(pip install '.[ray]'; RAY_ADDRESS to join one)")
     add("--verify-weights", action=argparse.BooleanOptionalAction, default=True,
         help="check the weights' per-tensor checksums while loading (a mismatch fails the "
         "load); --no-verify-weights skips it")
@@ -192,6 +195,7 @@ def parse_settings(
             attention_backend=args.attention_backend, s3_endpoint=s3_endpoint,
             verify_weights=args.verify_weights, compile_decode=args.compile_decode,
             tensor_parallel_size=args.tensor_parallel_size,
+            distributed_executor_backend=args.distributed_executor_backend,
         )
         server = ServerSettings(
             host=args.host, port=port,
