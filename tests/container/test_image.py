@@ -74,6 +74,10 @@ def test_image_serves_and_stops_cleanly(model_dir):
         expected = LLM(str(model_dir), max_model_len=1024).generate(
             [body["inputs"]], SamplingParams(temperature=0, max_tokens=12))[0].text
         assert response.json() == [{"generated_text": expected}]
+        chat = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+        answer = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60)
+        assert answer.status_code == 200, answer.text  # the chat template renders in the image
+        assert answer.json()["choices"][0]["message"]["content"]
         # The C++ CPU kernels come built in the image (it has no compiler) and are loaded.
         for _ in range(60):  # a liveness bound for the background load, not a timing assert
             logs = _podman("logs", name)

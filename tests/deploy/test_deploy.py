@@ -1,9 +1,8 @@
 """deploy/: the SageMaker script (dry run, and for real against moto's SageMaker and S3 on
 loopback), the compose files and the Helm chart's consistency.
 
-helm itself cannot be installed here (no registry package ships it), so the chart is rendered
-by tests/deploy/helm_render.py (the template subset it uses, through Jinja2) and the manifests
-are validated."""
+The chart is linted (strict) and rendered by Helm's own engine: PyPI's helm-python-sdk embeds
+Helm v4, so no helm binary is needed; the rendered manifests are validated."""
 
 from __future__ import annotations
 
@@ -13,9 +12,8 @@ import sys
 from pathlib import Path
 
 import boto3
+import helm_python
 import yaml
-
-from tests.deploy.helm_render import render_chart
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "sagemaker.py"
@@ -94,10 +92,27 @@ def test_compose_and_dashboard():
         assert metric in exprs
 
 
+CHART = ROOT / "deploy/helm/sagemaker-llm"
+
+
 def _manifests(**values) -> dict[str, dict]:
-    rendered = render_chart(ROOT / "deploy/helm/sagemaker-llm", values)
+    """The chart rendered by Helm's own engine (helm-python-sdk embeds Helm v4)."""
+    rendered = helm_python.Chart.load(CHART).render(values, name="llm", namespace="default")
     docs = [d for text in rendered.values() for d in yaml.safe_load_all(text) if d]
     return {d["kind"]: d for d in docs}
+
+
+def test_helm_lints_the_chart_clean():
+    report = helm_python.lint(CHART, strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_nested_value_overrides_merge_with_the_defaults():
+    objects = _manifests(image={"tag": "1.2.3"}, probes={"startup": {"failureThreshold": 9}})
+    [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "sagemaker-llm:1.2.3"  # repository kept from the defaults
+    assert container["startupProbe"]["failureThreshold"] == 9
+    assert container["startupProbe"]["periodSeconds"] == 5
 
 
 def test_helm_chart_renders_valid_manifests():
