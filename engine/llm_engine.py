@@ -103,7 +103,10 @@ class LLMEngine:
         )
         backend_name = config.resolved_attention_backend
         is_cpu_pending = backend_name == "cpu" and not cpu_ops.is_loaded()
-        self.tp.broadcast((self.cache_config, self.max_model_len, backend_name))  # to workers
+        if self.tp.world_size > 1:
+            self.progress.set_phase("ranks")  # answered once every worker has loaded its share
+            self.tp.broadcast((self.cache_config, self.max_model_len, backend_name))
+            self.progress.set_phase("kv_cache")
         self.runner = ModelRunner(
             model.eval(), self.rank_model_config, self.cache_config, self.max_model_len,
             self.device, self.dtype,

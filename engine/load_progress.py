@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-LOAD_PHASES = ("starting", "imports", "config", "tokenizer", "weights", "kv_cache", "ready")
+# "ranks": waiting for the tensor-parallel workers to finish loading their shares
+LOAD_PHASES = ("starting", "imports", "config", "tokenizer", "weights", "ranks", "kv_cache",
+               "ready")
 
 
 @dataclass

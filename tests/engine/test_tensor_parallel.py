@@ -32,9 +32,11 @@ def test_two_ranks_match_transformers(tiny_model_dirs, kind):
     assert not multiprocessing.active_children()
 
 
-def test_two_ranks_match_under_preemption(tiny_llama_dir):
-    expected = [hf_greedy(tiny_llama_dir, p, MAX_TOKENS) for p in PROMPTS]
-    with LLM(tiny_llama_dir, tensor_parallel_size=2, kv_cache_memory=8 * RANK_BLOCK_BYTES,
+@pytest.mark.parametrize("kind", TINY_MODEL_KINDS)
+def test_two_ranks_match_under_preemption(tiny_model_dirs, kind):
+    folder = tiny_model_dirs[kind]
+    expected = [hf_greedy(folder, p, MAX_TOKENS) for p in PROMPTS]
+    with LLM(folder, tensor_parallel_size=2, kv_cache_memory=8 * RANK_BLOCK_BYTES,
              max_num_batched_tokens=64) as llm:
         assert llm.engine.cache_config.num_blocks == 8
         outputs = llm.generate(PROMPTS, _greedy())
