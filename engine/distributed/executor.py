@@ -8,23 +8,16 @@ driver broadcasts None, or when the driver itself is gone.
 from __future__ import annotations
 
 import multiprocessing
-import socket
 
 from engine.config import EngineConfig
-from engine.distributed.tensor_parallel import TensorParallel
+from engine.distributed.tensor_parallel import TensorParallel, free_port
 from engine.distributed.worker import run_worker
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig):
         self.world_size = config.tensor_parallel_size
-        self.init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.init_method = f"tcp://127.0.0.1:{free_port()}"
         context = multiprocessing.get_context("spawn")
         self.processes = [
             context.Process(target=run_worker, name=f"tp-rank-{rank}", daemon=True,

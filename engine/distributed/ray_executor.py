@@ -9,16 +9,8 @@ process already joined), else starts a local one and stops it with the engine.
 
 from __future__ import annotations
 
-import socket
-
 from engine.config import EngineConfig
-from engine.distributed.tensor_parallel import TensorParallel
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from engine.distributed.tensor_parallel import TensorParallel, free_port
 
 
 class RayExecutor:
@@ -36,7 +28,7 @@ class RayExecutor:
         self.group = placement_group([bundle] * self.world_size, strategy="PACK")
         ray.get(self.group.ready(), timeout=300)
         host = ray.util.get_node_ip_address()
-        self.init_method = f"tcp://{host}:{_free_port()}"
+        self.init_method = f"tcp://{host}:{free_port()}"
         # Two calls at once: `run` blocks for the life of the rank, `node_id` must still answer.
         worker_class = ray.remote(num_cpus=0 if is_gpu else 1, num_gpus=1 if is_gpu else 0,
                                   max_concurrency=2)(

@@ -6,6 +6,7 @@ identity, so the single-process engine pays one attribute check per call.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -56,6 +57,13 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for the group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str,

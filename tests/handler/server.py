@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -62,3 +64,25 @@ def serve(engine_config: EngineConfig, wait_ready: bool = True, **settings) -> I
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, max_polls: int = 600) -> None:
+    """Until a server started as a process answers /ping 200 (a liveness bound, not a timing
+    assert); fails with its output if it exits first."""
+    import httpx
+
+    for _ in range(max_polls):
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        try:
+            if httpx.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become ready")

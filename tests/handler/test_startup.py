@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +17,7 @@ import pytest
 
 from engine import EngineConfig
 from engine.weights import default_model_path
-from tests.handler.server import serve
+from tests.handler.server import free_port, serve, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -102,17 +100,11 @@ def test_lazy_mode_loads_on_the_first_request(monkeypatch):
         assert httpx.post(server.url + "/invocations", json=body, timeout=30).status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_entrypoint_serve_in_an_opt_ml_layout_and_sigterm(tmp_path):
     model_dir = tmp_path / "opt" / "ml" / "model"
     model_dir.mkdir(parents=True)
     (model_dir / default_model_path().name).symlink_to(default_model_path())
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",
            "SM_LLM_MODEL": str(model_dir), "SAGEMAKER_BIND_TO_PORT": str(port),
            "SM_LLM_MAX_MODEL_LEN": "1024", "SM_LLM_HOST": "127.0.0.1"}
@@ -120,14 +112,7 @@ def test_entrypoint_serve_in_an_opt_ml_layout_and_sigterm(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(url, process)
         body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 5}}
         first = httpx.post(url + "/invocations", json=body, timeout=60)
         assert first.status_code == 200 and first.json()[0]["generated_text"]

@@ -13,21 +13,10 @@ import psutil
 import pytest
 
 from engine import SamplingParams
-from tests.handler.test_startup import ROOT, _free_port
+from tests.handler.server import free_port, wait_until_ready
+from tests.handler.test_startup import ROOT
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_ready(url: str, process: subprocess.Popen) -> None:
-    for _ in range(600):  # a liveness bound on the start, not a timing assert
-        assert process.poll() is None, process.stdout.read().decode()[-3000:]
-        try:
-            if httpx.get(url + "/ping", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become ready")
 
 
 def _is_alive(process: psutil.Process) -> bool:
@@ -44,14 +33,14 @@ def _workers(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("kill_worker", [False, True])
 def test_two_ranks_serve_and_stop_with_the_server(tiny_llama_dir, tiny_offline, kill_worker):
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "handler", "--model", tiny_llama_dir, "--host", "127.0.0.1",
          "--port", str(port), "--tensor-parallel-size", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process)
+        wait_until_ready(url, process)
         # Ready only once every rank has loaded its share: the wait is a phase of its own.
         assert "ranks" in httpx.get(url + "/ping", timeout=5).json()["phase_seconds"]
         workers = _workers(process.pid)

@@ -17,9 +17,9 @@ from tests.engine.kernels.test_kernels import (
     DTYPES,
     NUM_KV_HEADS,
     TOLERANCE,
-    _context_lens,
     _paged_cache,
     _rel_error,
+    decode_case,
 )
 
 
@@ -34,13 +34,8 @@ def cpu_kernels():
 @pytest.mark.parametrize("head_dim", [16, 64, 80, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_decode_attention_matches_reference(dtype, group, head_dim, block_size):
-    context_lens = _context_lens(block_size)
-    k_cache, v_cache, tables = _paged_cache(context_lens, block_size, head_dim, dtype)
-    query = torch.randn(len(context_lens), NUM_KV_HEADS * group, head_dim).to(dtype)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
-    scale = head_dim**-0.5
-    expected = reference.paged_decode_attention_reference(
-        query.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
+    query, k_cache, v_cache, tables, lens, scale, expected = decode_case(
+        dtype, group, head_dim, block_size)
     actual = torch.ops.llm_cpu.paged_decode_attention(query, k_cache, v_cache, tables, lens, scale)
     assert actual.dtype == dtype and actual.shape == query.shape
     assert _rel_error(actual, expected) < TOLERANCE[dtype]

@@ -52,6 +52,18 @@ def _context_lens(block_size: int) -> list[int]:
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def decode_case(dtype, group: int, head_dim: int, block_size: int):
+    """Decode inputs (query, caches, tables, lens, scale) and the fp32 reference's output."""
+    context_lens = _context_lens(block_size)
+    k_cache, v_cache, tables = _paged_cache(context_lens, block_size, head_dim, dtype)
+    query = torch.randn(len(context_lens), NUM_KV_HEADS * group, head_dim).to(dtype)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    scale = head_dim**-0.5
+    expected = reference.paged_decode_attention_reference(
+        query.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
+    return query, k_cache, v_cache, tables, lens, scale, expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -74,13 +86,8 @@ def test_store_kv_matches_reference(dtype, block_size, head_dim):
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_attention_matches_reference(dtype, group, head_dim, block_size, num_splits):
-    context_lens = _context_lens(block_size)
-    k_cache, v_cache, tables = _paged_cache(context_lens, block_size, head_dim, dtype)
-    query = torch.randn(len(context_lens), NUM_KV_HEADS * group, head_dim).to(dtype)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
-    scale = head_dim**-0.5
-    expected = reference.paged_decode_attention_reference(
-        query.float(), k_cache.float(), v_cache.float(), tables, lens, scale)
+    query, k_cache, v_cache, tables, lens, scale, expected = decode_case(
+        dtype, group, head_dim, block_size)
     poisoned = torch.full_like(query, float("nan"))
     actual = paged_decode_attention(query, k_cache, v_cache, tables, lens, scale,
                                     num_splits=num_splits, out=poisoned)
