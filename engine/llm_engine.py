@@ -71,6 +71,14 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(source.hf_config())
         self.tp, self.executor = self._start_tensor_parallel()
         source.use_rank(self.tp)
+        try:
+            self._build(source, config)
+        except BaseException:
+            self.shutdown()  # workers already started must not outlive a failed start
+            raise
+
+    def _build(self, source: Any, config: EngineConfig) -> None:
+        """Everything after the ranks are started: tokenizer, weights, cache, the step's parts."""
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()
         self.progress.set_phase("tokenizer")

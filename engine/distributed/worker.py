@@ -75,7 +75,11 @@ def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: st
     model = source.load_model(model_class(model_config), model_config, device, dtype,
                               LoadProgress())
     shard_model(model, tp)
-    cache_config, max_model_len, backend_name = tp.broadcast()
+    setup = tp.broadcast()
+    if setup is None:  # the driver's start failed after this worker began: stop with it
+        torch.distributed.destroy_process_group()
+        return
+    cache_config, max_model_len, backend_name = setup
     if backend_name == "cpu" and not cpu_ops.load():
         backend_name = "torch"
     runner = ModelRunner(

@@ -99,3 +99,9 @@ def test_a_per_rank_artifact_is_read_one_file_per_rank(tiny_llama_dir, tmp_path,
         assert [o.token_ids for o in llm.generate(PROMPTS[:3], _greedy())] == expected
     with pytest.raises(WeightsError, match="cut for 2 tensor-parallel ranks, this server runs 1"):
         LLM(dest, s3_endpoint=endpoint)
+
+
+def test_a_failed_start_stops_the_workers_it_started(tiny_llama_dir):
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        LLM(tiny_llama_dir, tensor_parallel_size=2, max_model_len=10**7)
+    assert not multiprocessing.active_children()
