@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -62,7 +63,18 @@ def test_two_ranks_serve_and_stop_with_the_server(tiny_llama_dir, tiny_offline, 
 
 
 def _kill_and_check_the_server_says_so(url: str, worker: psutil.Process, body: dict) -> None:
-    worker.kill()
+    """Kill the worker under a streaming request: the stream ends with an error record (never
+    hangs), then /ping is 500 naming the rank and new requests are refused."""
+    long_body = {"inputs": "hello", "stream": True,
+                 "parameters": {"max_new_tokens": 450, "ignore_eos": True}}
+    with httpx.stream("POST", url + "/invocations", json=long_body, timeout=120,
+                      headers={"Accept": "application/jsonlines"}) as response:
+        lines = response.iter_lines()
+        records = [json.loads(next(lines))]  # the request is surely running now
+        worker.kill()
+        records += [json.loads(line) for line in lines if line]
+    assert records[-1]["details"]["finish_reason"] == "error" and records[-1]["error"]
+    assert len(records) < 450
     for _ in range(300):  # a liveness bound: the server notices the exit at its next look
         ping = httpx.get(url + "/ping", timeout=5)
         if ping.status_code != 200:
