@@ -161,7 +161,7 @@ class LLMEngine:
 
     def _load_cpu_kernels(self) -> None:
         """Off the start's path: a cached library loads in milliseconds, a first build takes
-        ~25 s of one core. The next step takes the new backend; the references serve until then
+        ~20 s of one core. The next step takes the new backend; the references serve until then
         (and for good if there is no compiler)."""
         if cpu_ops.load():
             self.runner.backend = get_attention_backend("cpu")

@@ -5,7 +5,7 @@ The library is compiled with the instruction set torch itself dispatches to on t
 (the image's) runs on any machine of the same capability. It lives in torch's extension folder
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) under a name that carries the
 capability and a hash of the sources and flags: a changed kernel or torch is a new build, a cached
-one is loaded in ~10 ms without a compiler. Building needs a C++ compiler and takes ~25 s of one
+one is loaded in ~10 ms without a compiler. Building needs a C++ compiler and takes ~20 s of one
 core; without one, `load()` returns False and the torch references stay the CPU path.
 
     python -m engine.kernels.cpu_ops     # build for this machine (the Dockerfile builds them all)
