@@ -25,9 +25,11 @@ class RayExecutor:
             ray.init(ignore_reinit_error=True, log_to_driver=False)
         is_gpu = config.resolved_device.startswith("cuda")
         bundle = {"GPU": 1} if is_gpu else {"CPU": 1}
-        self.group = placement_group([bundle] * self.world_size, strategy="PACK")
-        ray.get(self.group.ready(), timeout=300)
         host = ray.util.get_node_ip_address()
+        # Bundle 0 is the driver's: pinned to its node (Ray's `node:IP` resource, as vLLM does).
+        bundles = [{**bundle, f"node:{host}": 0.001}] + [bundle] * (self.world_size - 1)
+        self.group = placement_group(bundles, strategy="PACK")
+        ray.get(self.group.ready(), timeout=300)
         self.init_method = f"tcp://{host}:{free_port()}"
         # Two calls at once: `run` blocks for the life of the rank, `node_id` must still answer.
         worker_class = ray.remote(num_cpus=0 if is_gpu else 1, num_gpus=1 if is_gpu else 0,
@@ -40,6 +42,13 @@ class RayExecutor:
             actor = worker_class.options(scheduling_strategy=strategy).remote()
             self.actors.append(actor)
             self.runs.append(actor.run.remote(config, rank, self.world_size, self.init_method))
+
+    def bundle_node_ids(self) -> list[str]:
+        """The Ray node id of each bundle, bundle 0 (the driver's) first."""
+        from ray.util import placement_group_table
+
+        nodes = placement_group_table(self.group)["bundles_to_node_id"]
+        return [nodes[i] for i in range(self.world_size)]
 
     def node_ids(self) -> list[str]:
         """Each worker's Ray node id, in rank order (where placement put them)."""

@@ -1,6 +1,6 @@
 """The Ray executor on a local Ray cluster of two simulated nodes (`ray.cluster_utils.Cluster`,
-one CPU each): rank 1 is placed on the other node, and greedy tokens with 2 ranks equal
-transformers'."""
+one CPU each): the two ranks' bundles sit on the two nodes, rank 1 in its own, and greedy
+tokens with 2 ranks equal transformers'."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def test_two_ranks_on_two_nodes_match_transformers(two_node_cluster, tiny_llama_
     with LLM(tiny_llama_dir, tensor_parallel_size=2, distributed_executor_backend="ray",
              max_num_batched_tokens=32) as llm:
         [worker_node] = llm.engine.executor.node_ids()
-        driver_node = ray.get_runtime_context().get_node_id()
-        assert worker_node != driver_node  # each node has one CPU: bundle 1 went to the other
+        bundle_nodes = llm.engine.executor.bundle_node_ids()
+        # One CPU per node: the two bundles sit on the two nodes, rank 1 in its bundle's.
+        assert len(set(bundle_nodes)) == 2 and worker_node == bundle_nodes[1]
         assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     assert ray.util.list_named_actors() == []
