@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import reference
+from engine.layers.attention import TorchBackend
 
 
-class CpuBackend:
+class CpuBackend(TorchBackend):
+    """The torch backend with its decode and cache writes in C++ (prefill is inherited)."""
+
     name = "cpu"
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -22,11 +24,4 @@ class CpuBackend:
     def decode(self, query, k_cache, v_cache, block_tables, context_lens, scale):
         return torch.ops.llm_cpu.paged_decode_attention(
             query, k_cache, v_cache, block_tables, context_lens, scale
-        )
-
-    def prefill(
-        self, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_q_len,
-    ):
-        return reference.paged_prefill_attention_reference(
-            query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale
         )
