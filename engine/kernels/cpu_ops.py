@@ -94,6 +94,12 @@ def is_loaded() -> bool:
     return _is_loaded
 
 
+def serves(x: torch.Tensor) -> bool:
+    """Whether the C++ kernels take `x`: a CPU tensor, the library loaded, and not while
+    torch.compile traces (it fuses the torch references itself)."""
+    return _is_loaded and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 if __name__ == "__main__":
     import sys
 

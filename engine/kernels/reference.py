@@ -116,3 +116,9 @@ def add_rms_norm_reference(
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """[num_tokens, 2 * n] -> [num_tokens, n]: SiLU of the first half (the gate) times the second."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -11,6 +11,7 @@ import math
 import torch
 
 from engine.config import ModelConfig
+from engine.kernels import cpu_ops
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -60,3 +61,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotate_query_key(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both rotated: in place, in one call, on the CPU kernel; as `apply_rotary` elsewhere."""
+    if cpu_ops.serves(query):
+        torch.ops.llm_cpu.rotary_embedding(query, key, cos, sin)
+        return query, key
+    return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)

@@ -14,9 +14,10 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.distributed.tensor_parallel import SINGLE
+from engine.layers.activation import silu_and_mul
 from engine.layers.attention import AttentionBackend, AttentionMetadata, paged_attention
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import apply_rotary
+from engine.layers.rotary import rotate_query_key
 
 
 @dataclass
@@ -47,8 +48,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        q, k = rotate_query_key(
+            q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+            ctx.cos, ctx.sin,
+        )
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = paged_attention(ctx.backend, q, k, v, k_cache, v_cache, ctx.attn, self.scale)
@@ -64,8 +67,7 @@ class MLP(nn.Module):
         self.tp = SINGLE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -76,9 +78,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor | None, residual: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """x: the last layer's output, added into the residual stream by the first norm (None
+        on the first layer, whose input is the stream itself); returns this layer's output."""
+        h = self.input_layernorm(residual) if x is None else self.input_layernorm(x, residual)
+        x = self.self_attn(h, ctx)
+        return self.mlp(self.post_attention_layernorm(x, residual))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -103,10 +110,12 @@ class LlamaForCausalLM(nn.Module):
         self.tp, self.vocab_start = SINGLE, 0
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self._embed(input_ids)  # [num_tokens, hidden]
+        # [num_tokens, hidden]: the residual stream, which each norm adds a sublayer's output into
+        residual = self._embed(input_ids)
+        x = None
         for layer in self.layers:
-            x = layer(x, ctx)
-        return self.norm(x)
+            x = layer(x, residual, ctx)
+        return self.norm(x, residual)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
