@@ -119,6 +119,6 @@ def add_rms_norm_reference(
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
-    """[num_tokens, 2 * n] -> [num_tokens, n]: SiLU of the first half (the gate) times the second."""
+    """[num_tokens, 2 * n] -> [num_tokens, n]: SiLU of the first half (the gate) times the rest."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
