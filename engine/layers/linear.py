@@ -9,7 +9,8 @@ Below that, at 1-4 rows (one to four users decoding), the step is bound by readi
 oneDNN reads them at ~16-23 GB/s: there the C++ kernel `llm_cpu::small_batch_linear`
 (engine/kernels/cpu/gemv.cpp) streams each plain weight row once, llama.cpp's way, 1.2x faster
 in fp32 and 1.2-1.4x in bf16 over the whole step (`bench/decode_step.py`). That keeps the plain
-weights beside the packed ones: twice the weights' memory, the price of both paths.
+weights beside the packed ones: twice the weights' memory, the price of both paths. The plain
+weights sit in huge pages (engine/weights/huge_pages.py), where they are read faster.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from engine.kernels import cpu_ops
+from engine.weights.huge_pages import move_to_huge_pages
 
 # The row count oneDNN lays the weights out for. It is a hint, not a limit: any row count runs.
 # 32 measured as good as the exact count at 1 and 8 rows, and better at 32 and in prefill.
@@ -69,4 +71,19 @@ def pack_linears(model: nn.Module) -> int:
     if getattr(model, "lm_head", False) is None:  # tied to the embedding
         model.lm_head = PackedLinear(model.embed_tokens.weight, None)
         num_packed += 1
+    _move_plain_weights(model)
     return num_packed
+
+
+def _move_plain_weights(model: nn.Module) -> None:
+    """The small-batch kernel's weights into huge pages (engine/weights/huge_pages.py); the
+    parameters sharing them (a tied embedding) follow, so nothing is held twice."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    moved = move_to_huge_pages([m.weight for m in packed])
+    by_old_ptr = {m.weight.data_ptr(): new for m, new in zip(packed, moved, strict=True)}
+    for param in model.parameters():
+        new = by_old_ptr.get(param.data_ptr())
+        if new is not None and new.shape == param.shape:
+            param.data = new
+    for m, new in zip(packed, moved, strict=True):
+        m.weight = new

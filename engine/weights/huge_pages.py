@@ -1,0 +1,45 @@
+"""Weights the CPU streams every step, moved into memory backed by 2 MiB pages.
+
+A decode step at a few rows reads every weight once: ~540 MB in fp32 for SmolLM2-135M, 131,000
+4 KiB pages, a TLB miss every 4 KiB. Copied into one anonymous mapping advised for transparent
+huge pages (`MADV_HUGEPAGE`; the kernel's default THP mode, "madvise", honours it), the same
+small-batch GEMV reads them 5-15% faster on this project's machines (`bench/decode_step.py`).
+Where the kernel has THP off the mapping is plain memory and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20
+ALIGNMENT = 4096  # each tensor starts on a page: aligned for any vector load
+
+
+def _aligned(num_bytes: int, alignment: int) -> int:
+    return (num_bytes + alignment - 1) // alignment * alignment
+
+
+def move_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous copies of `tensors` (CPU) in one huge-page mapping, in order. Tensors sharing
+    storage come back as one copy. Returns the inputs unchanged where the OS has no such advice."""
+    if not tensors or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return tensors
+    unique = {t.data_ptr(): t for t in tensors}
+    total = sum(_aligned(t.numel() * t.element_size(), ALIGNMENT) for t in unique.values())
+    arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena.madvise(mmap.MADV_HUGEPAGE)
+    arena_bytes = torch.frombuffer(arena, dtype=torch.uint8)  # keeps the mapping alive
+    offset = (-arena_bytes.data_ptr()) % HUGE_PAGE  # the first tensor on a huge-page boundary
+    copies = {}
+    for ptr, t in unique.items():
+        num_bytes = t.numel() * t.element_size()
+        copy = arena_bytes[offset : offset + num_bytes].view(t.dtype).view(t.shape)
+        copies[ptr] = copy.copy_(t)
+        offset += _aligned(num_bytes, ALIGNMENT)
+    logger.info("%.0f MiB of weights in huge pages", total / 2**20)
+    return [copies[t.data_ptr()] for t in tensors]

@@ -1,0 +1,44 @@
+"""Weights moved into huge pages: the same values, one copy per storage, a tied head still tied."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.layers.linear import PackedLinear, pack_linears
+from engine.weights.huge_pages import ALIGNMENT, move_to_huge_pages
+
+
+def test_copies_are_equal_aligned_and_shared_where_the_inputs_were():
+    a = torch.randn(300, 7)
+    b = torch.randn(5, 64).to(torch.bfloat16)
+    moved = move_to_huge_pages([a, b, a])
+    assert [torch.equal(m, t) for m, t in zip(moved, [a, b, a], strict=True)] == [True] * 3
+    assert [m.dtype for m in moved] == [torch.float32, torch.bfloat16, torch.float32]
+    assert all(m.is_contiguous() and m.data_ptr() % ALIGNMENT == 0 for m in moved)
+    assert moved[0].data_ptr() == moved[2].data_ptr() != a.data_ptr()
+    a.zero_()  # a copy, not a view of the input
+    assert moved[0].abs().sum() > 0
+
+
+class TiedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+        self.lm_head = None  # tied to the embedding
+
+
+def test_pack_linears_keeps_a_tied_head_tied_in_huge_pages():
+    model = TiedModel()
+    x = torch.randn(2, 16)
+    expected = (model.proj(x), x @ model.embed_tokens.weight.T)
+    with torch.no_grad():
+        assert pack_linears(model) == 2
+    assert isinstance(model.lm_head, PackedLinear)
+    # one copy of the embedding: the module's parameter and the head's plain weight
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert model.embed_tokens.weight.data_ptr() % ALIGNMENT == 0
+    with torch.inference_mode():
+        torch.testing.assert_close(model.proj(x), expected[0])
+        torch.testing.assert_close(model.lm_head(x), expected[1])
