@@ -116,13 +116,14 @@ class CompiledDecodeStep:
                            type(e).__name__, e)
 
     def _warmup_inputs(self) -> DecodeInputs:
-        """Padding everywhere: writes nothing to the cache, attends to one position."""
+        """Writes nothing to the cache (slot -1) and attends to one position of block 0: a real
+        block, as the C++ kernel refuses a context that reads padding."""
         def ints(*values: int, dtype=torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype)
 
-        return DecodeInputs(ints(0), ints(0), ints(-1),
-                            torch.full((1, self.max_blocks), -1, dtype=torch.int32),
-                            ints(1, dtype=torch.int32))
+        block_table = torch.full((1, self.max_blocks), -1, dtype=torch.int32)
+        block_table[0, 0] = 0
+        return DecodeInputs(ints(0), ints(0), ints(-1), block_table, ints(1, dtype=torch.int32))
 
     def _step(self, kv_cache: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
               slot_mapping: torch.Tensor, block_table: torch.Tensor,

@@ -103,6 +103,25 @@ void decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const 
   });
 }
 
+// Every block a context reads must be a block of the cache: a -1 (padding) or a stale id inside
+// a context is an error here, not a read outside the cache. One pass over the tables' used part.
+void check_context_blocks(const at::Tensor& tables, const at::Tensor& lens, int64_t num_blocks,
+                          int64_t block_size) {
+  const int* table = tables.data_ptr<int>();
+  const int* len = lens.data_ptr<int>();
+  const int64_t max_blocks = tables.size(1);
+  for (int64_t seq = 0; seq < tables.size(0); ++seq) {
+    const int64_t used = (len[seq] + block_size - 1) / block_size;
+    TORCH_CHECK(len[seq] > 0 && used <= max_blocks, "context length ", len[seq], " of sequence ",
+                seq, " does not fit its block table");
+    for (int64_t b = 0; b < used; ++b) {
+      const int id = table[seq * max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "block ", id, " of sequence ", seq,
+                  " is outside the cache");
+    }
+  }
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, double scale) {
@@ -119,6 +138,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   const at::Tensor q = query.contiguous();
   const at::Tensor tables = block_tables.to(at::kInt).contiguous();
   const at::Tensor lens = context_lens.to(at::kInt).contiguous();
+  check_context_blocks(tables, lens, k_cache.size(0), k_cache.size(1));
   at::Tensor out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode", [&] {
     switch (q.size(2)) {

@@ -115,3 +115,21 @@ def test_small_batch_linear_matches_f_linear(weight_dtype, rows, in_features, wi
 def test_small_batch_linear_refuses_more_rows_than_it_serves():
     with pytest.raises(RuntimeError, match="at most 4 rows"):
         torch.ops.llm_cpu.small_batch_linear(torch.randn(5, 8), torch.randn(3, 8), None)
+
+
+@pytest.mark.parametrize("bad_block", [-1, 10_000])
+def test_decode_attention_refuses_a_context_outside_the_cache(bad_block):
+    # A padding or stale id inside a context is an error, not a read outside the cache.
+    k_cache = torch.zeros(4, 16, NUM_KV_HEADS, 64)
+    query = torch.randn(1, 2 * NUM_KV_HEADS, 64)
+    table = torch.tensor([[0, bad_block]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.llm_cpu.paged_decode_attention(query, k_cache, k_cache, table,
+                                                 torch.tensor([20], dtype=torch.int32), 0.125)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.llm_cpu.paged_decode_attention(query, k_cache, k_cache, table,
+                                                 torch.tensor([33], dtype=torch.int32), 0.125)
+    # the context's own blocks are all that is checked: padding after it is fine
+    out = torch.ops.llm_cpu.paged_decode_attention(query, k_cache, k_cache, table,
+                                                   torch.tensor([16], dtype=torch.int32), 0.125)
+    assert out.shape == query.shape
