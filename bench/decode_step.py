@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--attention-backend", default=None, choices=["torch", "cpu"])
+    parser.add_argument("--quantization", default=None, choices=["int8"])
     parser.add_argument("--compile-decode", action="store_true",
                         help="time the compiled one-sequence step (waits for it to be built)")
     args = parser.parse_args()
@@ -63,13 +64,14 @@ def main() -> None:
         cpu_ops.load()  # built or loaded before the engine starts: every step timed uses it
     llm = LLM(str(MODEL) if MODEL.exists() else "", dtype=args.dtype, max_model_len=1024,
               max_num_seqs=64, compile_decode=args.compile_decode,
-              attention_backend=args.attention_backend)
+              attention_backend=args.attention_backend, quantization=args.quantization)
     if args.compile_decode:
         start = time.perf_counter()
         if not llm.engine.runner.compiled_decode.is_ready.wait(900):
             raise SystemExit("the compiled step was not built")
         print(f"# compiled decode step built in {time.perf_counter() - start:.0f} s")
     compiled = ", compiled decode" if args.compile_decode else ""
+    compiled += f", {args.quantization} weights" if args.quantization else ""
     print(f"# {cpu_name()}, {args.dtype}, attention {llm.engine.runner.backend.name}{compiled}")
     for batch in args.batch:
         ms = step_ms(llm, batch, args.profile)

@@ -5,7 +5,7 @@ repository's README), 64 greedy tokens each, in fp32 and in the dtype under test
 share of completions identical to fp32's, the mean length of the identical prefix, and the mean
 log-probability fp32 gives to the other dtype's tokens against its own (a perplexity ratio).
 
-    .venv/bin/python bench/quality.py [--dtype bfloat16]
+    .venv/bin/python bench/quality.py [--dtype bfloat16]    # or bfloat16+int8, float32+int8
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ MODEL = Path(__file__).resolve().parents[1] / ".cache/models/smollm2"
 
 
 def greedy(dtype: str, all_prompts: list[list[int]]) -> list:
-    llm = LLM(str(MODEL) if MODEL.exists() else "", dtype=dtype, max_model_len=1024)
+    """`dtype` may name a quantization too: "bfloat16+int8", "float32+int8"."""
+    dtype, _, quantization = dtype.partition("+")
+    llm = LLM(str(MODEL) if MODEL.exists() else "", dtype=dtype, max_model_len=1024,
+              quantization=quantization or None)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     return llm.generate(all_prompts, params)
 

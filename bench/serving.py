@@ -9,6 +9,7 @@ inter-token latency p50, and the ratio to llama-server.
     make bench-serving LLAMA_SERVER=~/.cache/sagemaker-llm/llama.cpp/build/bin
     .venv/bin/python bench/serving.py --clients 1 2 4 8 16 32 64 --dtype bfloat16 \\
         --llama-server DIR --llama-types F32 BF16 Q4_1
+    .venv/bin/python bench/serving.py --dtype float32 bfloat16+int8 ...  # int8 weights
 
 The llama.cpp binaries come from `scripts/bench/build_llama_server.sh` (sources from the
 `llama-cpp-python` sdist on PyPI, built into a cache outside the repo).
@@ -177,7 +178,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def ours(dtype: str, extra: list[str]) -> tuple[list[str], str, dict]:
+    """`dtype` may name a quantization too: "bfloat16+int8" is `--dtype bfloat16 --quantization
+    int8`."""
     model = Path(__file__).resolve().parents[1] / ".cache/models/smollm2"
+    dtype, _, quantization = dtype.partition("+")
+    if quantization:
+        extra = ["--quantization", quantization, *extra]
     cmd = [sys.executable, "-m", "handler", "--model", str(model), "--host", "127.0.0.1",
            "--port", "{port}", "--max-model-len", str(max(2048, PROMPT_TOKENS + NEW_TOKENS)),
            "--max-num-seqs", "64",

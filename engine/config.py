@@ -12,6 +12,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("torch", "triton", "cpu")
+QUANTIZATIONS = ("int8",)  # weight-only, CPU
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -39,6 +40,8 @@ class EngineConfig:
     # CPU: build a compiled one-sequence decode step in the background (engine/compiled_decode.py)
     compile_decode: bool = False
     # Ranks the model is split across (engine/distributed/): worker processes on this host.
+    # CPU: "int8" streams int8 weights (one scale per row) at a few rows (layers/quantization.py)
+    quantization: str | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": processes on this host; "ray": a cluster
 
@@ -69,6 +72,12 @@ class EngineConfig:
                              f"got {self.distributed_executor_backend!r}")
         if self.tensor_parallel_size > 1 and self.compile_decode:
             raise ValueError("compile_decode runs on one rank: not with tensor_parallel_size > 1")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, "
+                             f"got {self.quantization!r}")
+        if self.quantization and self.compile_decode:
+            raise ValueError("compile_decode compiles the unquantized weights: not with "
+                             "quantization")
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "

@@ -119,7 +119,7 @@ class LLMEngine:
             model.eval(), self.rank_model_config, self.cache_config, self.max_model_len,
             self.device, self.dtype,
             get_attention_backend("torch" if is_cpu_pending else backend_name),
-            config.compile_decode, self.tp,
+            config.compile_decode, self.tp, config.quantization,
         )
         if is_cpu_pending:
             threading.Thread(target=self._load_cpu_kernels, name="cpu-kernels", daemon=True).start()

@@ -81,7 +81,7 @@ class ModelRunner:
     def __init__(
         self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
         max_model_len: int, device: torch.device, dtype: torch.dtype, backend: AttentionBackend,
-        compile_decode: bool = False, tp: TensorParallel = SINGLE,
+        compile_decode: bool = False, tp: TensorParallel = SINGLE, quantization: str | None = None,
     ):
         """`model_config`: this rank's share of the model (its heads) when sharded."""
         self.model, self.config, self.device, self.backend = model, model_config, device, backend
@@ -104,7 +104,12 @@ class ModelRunner:
                                                       self.kv_cache, self.max_blocks)
             self.compiled_decode.start()
         if can_pack(device, dtype):
-            logger.info("CPU linears packed for oneDNN: %d", pack_linears(model))
+            logger.info("CPU linears packed for oneDNN%s: %d",
+                        f", {quantization} weights" if quantization else "",
+                        pack_linears(model, quantization))
+        elif quantization:
+            raise ValueError(f"{quantization} weights are for the CPU's packed linears: fp32, or "
+                             "bf16 on a CPU with native bf16")
         logger.info(
             "KV cache: %d blocks of %d tokens, %.1f MiB",
             cache_config.num_blocks, self.block_size,

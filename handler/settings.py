@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile-decode", action=argparse.BooleanOptionalAction, default=False,
         help="CPU: compile the one-sequence decode step in the background (~50 s of CPU, a C++ "
         "compiler and a second copy of the weights; 1.4x at one sequence) and swap it in")
+    add("--quantization", default=None, choices=["int8"],
+        help="CPU: int8 weights (one scale per row) for one to four sequences, where a step "
+        "streams every weight: half bf16's bytes; larger batches use their dequantized values")
     add("--tensor-parallel-size", type=int, default=1,
         help="split the model across this many ranks (worker processes on this host; gloo on "
         "the CPU, NCCL on GPUs)")
@@ -194,7 +197,7 @@ def parse_settings(
             enable_prefix_caching=args.enable_prefix_caching, max_model_len=args.max_model_len,
             attention_backend=args.attention_backend, s3_endpoint=s3_endpoint,
             verify_weights=args.verify_weights, compile_decode=args.compile_decode,
-            tensor_parallel_size=args.tensor_parallel_size,
+            quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
             distributed_executor_backend=args.distributed_executor_backend,
         )
         server = ServerSettings(

@@ -85,6 +85,7 @@ def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: st
     runner = ModelRunner(
         model.eval(), rank_model_config(model_config, world_size), cache_config, max_model_len,
         device, dtype, get_attention_backend(backend_name), tp=tp,
+        quantization=config.quantization,
     )
     with torch.inference_mode():
         while (inputs := tp.broadcast()) is not None:

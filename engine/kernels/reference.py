@@ -122,3 +122,16 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     """[num_tokens, 2 * n] -> [num_tokens, n]: SiLU of the first half (the gate) times the rest."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def int8_linear_reference(
+    x: torch.Tensor,  # [rows, in]
+    qweight: torch.Tensor,  # int8 [out, in]
+    scale: torch.Tensor,  # fp32 [out]
+    bias: torch.Tensor | None,  # [out], x's dtype
+) -> torch.Tensor:
+    """x q^T scaled per output row, in fp32, rounded once to x's dtype."""
+    y = F.linear(x.float(), qweight.float()) * scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from engine.kernels import cpu_ops
+from engine.layers.quantization import dequantize_int8, quantize_int8
 from engine.weights.huge_pages import move_to_huge_pages
 
 # The row count oneDNN lays the weights out for. It is a hint, not a limit: any row count runs.
@@ -38,38 +39,49 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 class PackedLinear(nn.Module):
     """`F.linear(x, weight, bias)` for 2-D `x`: oneDNN's packed weight, or the plain one through
-    the small-batch kernel at a few rows."""
+    the small-batch kernel at a few rows. `quantize`: the small-batch kernel reads int8 weights
+    (engine/layers/quantization.py) and oneDNN their dequantized values."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantize: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        weight = weight.detach()
+        self.weight_scale = None  # fp32 [out] when quantized
+        if quantize:
+            qweight, self.weight_scale = quantize_int8(weight)
+            weight, self.weight = dequantize_int8(qweight, self.weight_scale, weight.dtype), qweight
+        else:
+            self.weight = weight  # plain [out, in], for the small-batch kernel
         # An opaque oneDNN tensor: a plain attribute, outside the module's state dict.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach(), PACK_ROWS_HINT
-        )
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
         self.bias = None if bias is None else bias.detach()
-        self.weight = weight.detach()  # plain [out, in], for the small-batch kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= MAX_SMALL_BATCH_ROWS and cpu_ops.is_loaded():
+            if self.weight_scale is not None:
+                return torch.ops.llm_cpu.int8_small_batch_linear(
+                    x, self.weight, self.weight_scale, self.bias)
             return torch.ops.llm_cpu.small_batch_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        int8 = ", int8" if self.weight_scale is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed{int8}"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every `nn.Linear` of `model` by a `PackedLinear`;
-    return how many. A tied output head gets its own packed copy of the embedding."""
+def pack_linears(model: nn.Module, quantization: str | None = None) -> int:
+    """Replace every `nn.Linear` of `model` by a `PackedLinear` (int8 for the small-batch kernel
+    when `quantization` is "int8"); return how many. A tied output head gets its own packed copy
+    of the embedding."""
+    quantize = quantization == "int8"
     num_packed = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
+                setattr(module, name, PackedLinear(child.weight, child.bias, quantize))
                 num_packed += 1
     if getattr(model, "lm_head", False) is None:  # tied to the embedding
-        model.lm_head = PackedLinear(model.embed_tokens.weight, None)
+        model.lm_head = PackedLinear(model.embed_tokens.weight, None, quantize)
         num_packed += 1
     _move_plain_weights(model)
     return num_packed

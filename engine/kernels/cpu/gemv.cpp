@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -176,10 +176,111 @@ at::Tensor small_batch_linear(const at::Tensor& input, const at::Tensor& weight,
   return y;
 }
 
+// ---- int8 weights (weight-only quantization): y = (x q^T) * scale + b, q int8 [N, K] with one
+// fp32 scale per output row. Half the bytes of bf16 to stream, a quarter of fp32's.
+
+// Vec::size() int8 weights as floats.
+inline Vec load_int8(const int8_t* p) {
+  const auto* bytes = reinterpret_cast<const __m128i*>(p);
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(bytes)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(bytes)));
+#else
+  float values[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) values[i] = static_cast<float>(p[i]);
+  return Vec::loadu(values);
+#endif
+}
+
+template <typename T, int M>
+void int8_gemv_rows(const float* x, const int8_t* qweight, const float* scale, const T* bias,
+                    int64_t k_size, int64_t n_begin, int64_t n_end, T* out, int64_t out_stride) {
+  constexpr int64_t kStep = 2 * Vec::size();  // two accumulators per row of x
+  const int64_t k_main = k_size / kStep * kStep;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* w = qweight + n * k_size;
+    Vec acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = Vec(0.f);
+    for (int64_t k = 0; k < k_main; k += kStep) {
+      const Vec w_lo = load_int8(w + k), w_hi = load_int8(w + k + Vec::size());
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * k_size + k;
+        acc[m][0] = at::vec::fmadd(w_lo, Vec::loadu(xm), acc[m][0]);
+        acc[m][1] = at::vec::fmadd(w_hi, Vec::loadu(xm + Vec::size()), acc[m][1]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const Vec both = acc[m][0] + acc[m][1];
+      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, both);
+      for (int64_t k = k_main; k < k_size; ++k)
+        sum += x[m * k_size + k] * static_cast<float>(w[k]);
+      sum *= scale[n];
+      out[m * out_stride + n] = static_cast<T>(bias ? sum + static_cast<float>(bias[n]) : sum);
+    }
+  }
+}
+
+template <typename T, int M>
+void int8_gemv(const T* x, const int8_t* qweight, const float* scale, const T* bias,
+               int64_t k_size, int64_t n_size, T* y) {
+  std::vector<float> x_float(x, x + M * k_size);  // a few rows, read from L1 by every weight row
+  parallel_rows(n_size, [&](int64_t begin, int64_t end) {
+    int8_gemv_rows<T, M>(x_float.data(), qweight, scale, bias, k_size, begin, end, y, n_size);
+  });
+}
+
+template <typename T>
+void int8_gemv_dispatch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  const T* x_data = x.data_ptr<T>();
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  const int64_t k = qweight.size(1), n = qweight.size(0);
+  switch (x.size(0)) {
+    case 1: int8_gemv<T, 1>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
+    case 2: int8_gemv<T, 2>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
+    case 3: int8_gemv<T, 3>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
+    case 4: int8_gemv<T, 4>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
+    default: break;  // no rows
+  }
+}
+
+at::Tensor int8_small_batch_linear(const at::Tensor& input, const at::Tensor& qweight,
+                                   const at::Tensor& scale,
+                                   const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.dim() == 2 && qweight.dim() == 2 && input.size(1) == qweight.size(1),
+              "input [rows, in] and qweight [out, in] expected");
+  TORCH_CHECK(input.size(0) <= kMaxRows, "at most ", kMaxRows, " rows");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(),
+              "qweight must be contiguous int8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == qweight.size(0),
+              "scale: fp32 [out], one per weight row");
+  TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->numel() == qweight.size(0) &&
+                                    bias->scalar_type() == input.scalar_type()),
+              "bias [out] in the input's dtype expected");
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty({input.size(0), qweight.size(0)}, input.options());
+  switch (input.scalar_type()) {
+    case at::kFloat: int8_gemv_dispatch<float>(x, qweight, scale, bias, y); break;
+    case at::kBFloat16: int8_gemv_dispatch<c10::BFloat16>(x, qweight, scale, bias, y); break;
+    case at::kHalf: int8_gemv_dispatch<c10::Half>(x, qweight, scale, bias, y); break;
+    default: TORCH_CHECK(false, "input in float32, bfloat16 or float16 expected");
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llm_cpu, m) {
   m.def("small_batch_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("int8_small_batch_linear(Tensor input, Tensor qweight, Tensor scale, Tensor? bias) "
+        "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llm_cpu, CPU, m) { m.impl("small_batch_linear", &small_batch_linear); }
+TORCH_LIBRARY_IMPL(llm_cpu, CPU, m) {
+  m.impl("small_batch_linear", &small_batch_linear);
+  m.impl("int8_small_batch_linear", &int8_small_batch_linear);
+}

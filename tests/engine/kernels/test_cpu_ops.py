@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.kernels import cpu_ops, reference
+from engine.layers.quantization import quantize_int8
 from tests.engine.kernels.test_kernels import (
     DTYPES,
     NUM_KV_HEADS,
@@ -133,3 +134,28 @@ def test_decode_attention_refuses_a_context_outside_the_cache(bad_block):
     out = torch.ops.llm_cpu.paged_decode_attention(query, k_cache, k_cache, table,
                                                    torch.tensor([16], dtype=torch.int32), 0.125)
     assert out.shape == query.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("in_features", [64, 40, 576])  # 40: a tail shorter than two vectors
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_small_batch_linear_matches_reference(dtype, rows, in_features, with_bias):
+    qweight, scale = quantize_int8(torch.randn(37, in_features) / in_features**0.5)
+    bias = torch.randn(37).to(dtype) if with_bias else None
+    x = torch.randn(rows, in_features).to(dtype)
+    expected = reference.int8_linear_reference(x, qweight, scale, bias)
+    actual = torch.ops.llm_cpu.int8_small_batch_linear(x, qweight, scale, bias)
+    assert actual.dtype == dtype and actual.shape == (rows, 37)
+    if rows:
+        assert _rel_error(actual, expected) < TOLERANCE[dtype]
+
+
+def test_int8_small_batch_linear_refuses_bad_arguments():
+    qweight, scale = quantize_int8(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="at most 4 rows"):
+        torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(5, 8), qweight, scale, None)
+    with pytest.raises(RuntimeError, match="contiguous int8"):
+        torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(1, 8), qweight.float(), scale, None)
+    with pytest.raises(RuntimeError, match="one per weight row"):
+        torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(1, 8), qweight, scale[:2], None)
