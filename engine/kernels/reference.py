@@ -127,11 +127,13 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 def int8_linear_reference(
     x: torch.Tensor,  # [rows, in]
     qweight: torch.Tensor,  # int8 [out, in]
-    scale: torch.Tensor,  # fp32 [out]
+    scale: torch.Tensor,  # fp32 [out, groups]: each row's groups of in / groups weights
     bias: torch.Tensor | None,  # [out], x's dtype
 ) -> torch.Tensor:
-    """x q^T scaled per output row, in fp32, rounded once to x's dtype."""
-    y = F.linear(x.float(), qweight.float()) * scale
+    """x times the dequantized weights, in fp32, rounded once to x's dtype."""
+    num_rows, in_features = qweight.shape
+    weight = (qweight.float().reshape(num_rows, scale.shape[1], -1) * scale[:, :, None])
+    y = F.linear(x.float(), weight.reshape(num_rows, in_features))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

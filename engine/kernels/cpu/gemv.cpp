@@ -176,8 +176,11 @@ at::Tensor small_batch_linear(const at::Tensor& input, const at::Tensor& weight,
   return y;
 }
 
-// ---- int8 weights (weight-only quantization): y = (x q^T) * scale + b, q int8 [N, K] with one
-// fp32 scale per output row. Half the bytes of bf16 to stream, a quarter of fp32's.
+// ---- int8 weights (weight-only quantization): y = x W^T + b with W's rows in groups of G int8
+// values q and one fp32 scale s each (W = q s; engine/layers/quantization.py). A quarter of
+// fp32's bytes to stream, a little over half of bf16's.
+
+constexpr int kInt8Group = 32;  // engine/layers/quantization.py's GROUP_SIZE
 
 // Vec::size() int8 weights as floats.
 inline Vec load_int8(const int8_t* p) {
@@ -193,29 +196,46 @@ inline Vec load_int8(const int8_t* p) {
 #endif
 }
 
-template <typename T, int M>
+// Each group's dot products are summed on their own, then added in times the group's scale.
+// G > 0: the group size known at compile time (32, the quantizer's; a multiple of the vector),
+// G == 0: any size, from `group`, scalar.
+template <typename T, int M, int G>
 void int8_gemv_rows(const float* x, const int8_t* qweight, const float* scale, const T* bias,
-                    int64_t k_size, int64_t n_begin, int64_t n_end, T* out, int64_t out_stride) {
-  constexpr int64_t kStep = 2 * Vec::size();  // two accumulators per row of x
-  const int64_t k_main = k_size / kStep * kStep;
+                    int64_t k_size, int64_t group, int64_t n_begin, int64_t n_end, T* out,
+                    int64_t out_stride) {
+  static_assert(G % Vec::size() == 0, "a group is whole vectors");
+  const int64_t group_size = G > 0 ? G : group, num_groups = k_size / group_size;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* w = qweight + n * k_size;
-    Vec acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = Vec(0.f);
-    for (int64_t k = 0; k < k_main; k += kStep) {
-      const Vec w_lo = load_int8(w + k), w_hi = load_int8(w + k + Vec::size());
-      for (int m = 0; m < M; ++m) {
-        const float* xm = x + m * k_size + k;
-        acc[m][0] = at::vec::fmadd(w_lo, Vec::loadu(xm), acc[m][0]);
-        acc[m][1] = at::vec::fmadd(w_hi, Vec::loadu(xm + Vec::size()), acc[m][1]);
+    const float* s = scale + n * num_groups;
+    Vec acc[M];
+    float sums[M] = {};
+    for (int m = 0; m < M; ++m) acc[m] = Vec(0.f);
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const int64_t first = g * group_size;
+      if constexpr (G > 0) {
+        Vec part[M];
+        for (int m = 0; m < M; ++m) part[m] = Vec(0.f);
+#pragma GCC unroll 4
+        for (int64_t k = first; k < first + G; k += Vec::size()) {
+          const Vec wk = load_int8(w + k);
+          for (int m = 0; m < M; ++m)
+            part[m] = at::vec::fmadd(wk, Vec::loadu(x + m * k_size + k), part[m]);
+        }
+        const Vec group_scale(s[g]);
+        for (int m = 0; m < M; ++m) acc[m] = at::vec::fmadd(part[m], group_scale, acc[m]);
+      } else {
+        for (int m = 0; m < M; ++m) {
+          float part = 0.f;
+          for (int64_t k = first; k < first + group_size; ++k)
+            part += x[m * k_size + k] * static_cast<float>(w[k]);
+          sums[m] += part * s[g];
+        }
       }
     }
     for (int m = 0; m < M; ++m) {
-      const Vec both = acc[m][0] + acc[m][1];
-      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, both);
-      for (int64_t k = k_main; k < k_size; ++k)
-        sum += x[m * k_size + k] * static_cast<float>(w[k]);
-      sum *= scale[n];
+      float sum = sums[m] + at::vec::vec_reduce_all<float>(
+                                [](Vec& a, Vec& b) { return a + b; }, acc[m]);
       out[m * out_stride + n] = static_cast<T>(bias ? sum + static_cast<float>(bias[n]) : sum);
     }
   }
@@ -223,10 +243,16 @@ void int8_gemv_rows(const float* x, const int8_t* qweight, const float* scale, c
 
 template <typename T, int M>
 void int8_gemv(const T* x, const int8_t* qweight, const float* scale, const T* bias,
-               int64_t k_size, int64_t n_size, T* y) {
+               int64_t k_size, int64_t group, int64_t n_size, T* y) {
   std::vector<float> x_float(x, x + M * k_size);  // a few rows, read from L1 by every weight row
   parallel_rows(n_size, [&](int64_t begin, int64_t end) {
-    int8_gemv_rows<T, M>(x_float.data(), qweight, scale, bias, k_size, begin, end, y, n_size);
+    if (group == kInt8Group) {
+      int8_gemv_rows<T, M, kInt8Group>(x_float.data(), qweight, scale, bias, k_size, group, begin,
+                                       end, y, n_size);
+    } else {
+      int8_gemv_rows<T, M, 0>(x_float.data(), qweight, scale, bias, k_size, group, begin, end, y,
+                              n_size);
+    }
   });
 }
 
@@ -237,12 +263,12 @@ void int8_gemv_dispatch(const at::Tensor& x, const at::Tensor& qweight, const at
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  const int64_t k = qweight.size(1), n = qweight.size(0);
+  const int64_t k = qweight.size(1), n = qweight.size(0), group = k / scale.size(1);
   switch (x.size(0)) {
-    case 1: int8_gemv<T, 1>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
-    case 2: int8_gemv<T, 2>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
-    case 3: int8_gemv<T, 3>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
-    case 4: int8_gemv<T, 4>(x_data, q, s, b, k, n, y.data_ptr<T>()); break;
+    case 1: int8_gemv<T, 1>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
+    case 2: int8_gemv<T, 2>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
+    case 3: int8_gemv<T, 3>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
+    case 4: int8_gemv<T, 4>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
     default: break;  // no rows
   }
 }
@@ -255,9 +281,10 @@ at::Tensor int8_small_batch_linear(const at::Tensor& input, const at::Tensor& qw
   TORCH_CHECK(input.size(0) <= kMaxRows, "at most ", kMaxRows, " rows");
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(),
               "qweight must be contiguous int8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.numel() == qweight.size(0),
-              "scale: fp32 [out], one per weight row");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                  scale.size(0) == qweight.size(0) && scale.size(1) > 0 &&
+                  qweight.size(1) % scale.size(1) == 0,
+              "scale: fp32 [out, groups], groups dividing the row");
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->numel() == qweight.size(0) &&
                                     bias->scalar_type() == input.scalar_type()),
               "bias [out] in the input's dtype expected");

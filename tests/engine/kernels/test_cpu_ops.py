@@ -7,7 +7,11 @@ the generic one (16, 80).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +142,8 @@ def test_decode_attention_refuses_a_context_outside_the_cache(bad_block):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4])
-@pytest.mark.parametrize("in_features", [64, 40, 576])  # 40: a tail shorter than two vectors
+# groups of 32 (64, 576), and one group of 40: not a multiple of the vector, the scalar loop
+@pytest.mark.parametrize("in_features", [64, 40, 576])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_small_batch_linear_matches_reference(dtype, rows, in_features, with_bias):
     qweight, scale = quantize_int8(torch.randn(37, in_features) / in_features**0.5)
@@ -157,5 +162,26 @@ def test_int8_small_batch_linear_refuses_bad_arguments():
         torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(5, 8), qweight, scale, None)
     with pytest.raises(RuntimeError, match="contiguous int8"):
         torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(1, 8), qweight.float(), scale, None)
-    with pytest.raises(RuntimeError, match="one per weight row"):
+    with pytest.raises(RuntimeError, match="groups dividing the row"):
         torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(1, 8), qweight, scale[:2], None)
+    with pytest.raises(RuntimeError, match="groups dividing the row"):
+        torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(1, 8), qweight,
+                                                  torch.ones(3, 3), None)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_kernels_match_on_the_other_instruction_sets(capability):
+    # The image carries a library per instruction set; this machine runs the lower ones when
+    # torch is told to (ATEN_CPU_CAPABILITY), so each is checked against the references here.
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    probe = "from engine.kernels import cpu_ops; print(cpu_ops.capability())"
+    found = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout.strip()
+    assert found == capability.upper()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+         str(Path(__file__).with_name("test_cpu_fused_ops.py")),
+         "-k", "matches_reference or matches_f_linear or matches_apply_rotary"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

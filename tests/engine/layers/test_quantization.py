@@ -13,14 +13,17 @@ from engine.layers.quantization import dequantize_int8, quantize_int8
 from tests.tiny_models import hf_model_greedy, random_prompts
 
 
-def test_quantize_int8_rounds_each_row_to_its_own_scale():
-    weight = torch.randn(64, 100) * torch.logspace(-3, 1, 64)[:, None]  # rows of every size
-    weight[5] = 0.0  # an all-zero row must not divide by zero
+@pytest.mark.parametrize(("in_features", "num_groups"), [(128, 4), (100, 1)])  # 100: one group
+def test_quantize_int8_rounds_each_group_to_its_own_scale(in_features, num_groups):
+    # magnitudes from 1e-3 to 10 along the row: groups of every size
+    weight = torch.randn(64, in_features) * torch.logspace(-3, 1, in_features)
+    weight[5] = 0.0  # an all-zero group must not divide by zero
     qweight, scale = quantize_int8(weight)
-    assert qweight.dtype == torch.int8 and scale.shape == (64,)
-    assert qweight.abs().max() == 127
+    assert qweight.dtype == torch.int8 and scale.shape == (64, num_groups)
+    assert (qweight.reshape(64, num_groups, -1)[torch.arange(64) != 5].abs().amax(2) == 127).all()
     error = (dequantize_int8(qweight, scale, torch.float32) - weight).abs()
-    assert (error <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    bound = scale.repeat_interleave(in_features // num_groups, dim=1) / 2 * (1 + 1e-6)
+    assert (error <= bound).all()
     assert (dequantize_int8(qweight, scale, torch.float32)[5] == 0).all()
 
 
