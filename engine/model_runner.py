@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from engine.compiled_decode import CompiledDecodeStep, DecodeInputs
 from engine.config import CacheConfig, ModelConfig
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.layers.attention import AttentionBackend, AttentionMetadata
-from engine.layers.linear import can_pack, pack_linears
+from engine.layers.linear import can_pack, move_plain_weights_to_huge_pages, pack_linears
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import ForwardContext
 from engine.scheduler import ScheduledBatch
@@ -107,6 +108,11 @@ class ModelRunner:
             logger.info("CPU linears packed for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",
                         pack_linears(model, quantization))
+            # off the path to the first token: the eager step serves meanwhile
+            self.weight_mover = threading.Thread(
+                target=move_plain_weights_to_huge_pages, args=(model,), name="huge-pages",
+                daemon=True)
+            self.weight_mover.start()
         elif quantization:
             raise ValueError(f"{quantization} weights are for the CPU's packed linears: fp32, or "
                              "bf16 on a CPU with native bf16")

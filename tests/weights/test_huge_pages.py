@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.linear import PackedLinear, pack_linears
+from engine.layers.linear import PackedLinear, move_plain_weights_to_huge_pages, pack_linears
 from engine.weights.huge_pages import ALIGNMENT, move_to_huge_pages
 
 
@@ -35,6 +35,7 @@ def test_pack_linears_keeps_a_tied_head_tied_in_huge_pages():
     expected = (model.proj(x), x @ model.embed_tokens.weight.T)
     with torch.no_grad():
         assert pack_linears(model) == 2
+        move_plain_weights_to_huge_pages(model)
     assert isinstance(model.lm_head, PackedLinear)
     # one copy of the embedding: the module's parameter and the head's plain weight
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
@@ -42,3 +43,16 @@ def test_pack_linears_keeps_a_tied_head_tied_in_huge_pages():
     with torch.inference_mode():
         torch.testing.assert_close(model.proj(x), expected[0])
         torch.testing.assert_close(model.lm_head(x), expected[1])
+
+
+def test_the_engine_moves_its_weights_in_the_background(tiny_model_dirs):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(tiny_model_dirs["qwen2"])  # a tied head
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    before = llm.generate([[5, 6, 7]], params)[0].token_ids  # may run while the copy does
+    llm.engine.runner.weight_mover.join(timeout=60)
+    model = llm.engine.runner.model
+    assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert model.lm_head.weight.data_ptr() % ALIGNMENT == 0
+    assert llm.generate([[5, 6, 7]], params)[0].token_ids == before
