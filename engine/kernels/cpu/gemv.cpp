@@ -196,46 +196,67 @@ inline Vec load_int8(const int8_t* p) {
 #endif
 }
 
-// Each group's dot products are summed on their own, then added in times the group's scale.
-// G > 0: the group size known at compile time (32, the quantizer's; a multiple of the vector),
-// G == 0: any size, from `group`, scalar.
+// G > 0: the group size known at compile time (32, the quantizer's; whole vectors): each
+// vector of weights is scaled as it is converted, then accumulated round-robin into four
+// independent sums (one chain per group measured 1.3x slower: FMA latency-bound). G == 0: any
+// group size, from `group`, scalar.
 template <typename T, int M, int G>
 void int8_gemv_rows(const float* x, const int8_t* qweight, const float* scale, const T* bias,
                     int64_t k_size, int64_t group, int64_t n_begin, int64_t n_end, T* out,
                     int64_t out_stride) {
   static_assert(G % Vec::size() == 0, "a group is whole vectors");
+  constexpr int kChains = 4;
   const int64_t group_size = G > 0 ? G : group, num_groups = k_size / group_size;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* w = qweight + n * k_size;
     const float* s = scale + n * num_groups;
-    Vec acc[M];
+    Vec acc[M][kChains];
     float sums[M] = {};
-    for (int m = 0; m < M; ++m) acc[m] = Vec(0.f);
-    for (int64_t g = 0; g < num_groups; ++g) {
-      const int64_t first = g * group_size;
-      if constexpr (G > 0) {
-        Vec part[M];
-        for (int m = 0; m < M; ++m) part[m] = Vec(0.f);
+    for (int m = 0; m < M; ++m)
+      for (int c = 0; c < kChains; ++c) acc[m][c] = Vec(0.f);
+    if constexpr (G > 0) {
+      // kSteps groups per iteration so that kChains vectors are in flight (2 groups of 2
+      // vectors with AVX-512, 1 of 4 with AVX2); the loops unroll, every index a constant.
+      constexpr int kVecs = G / Vec::size();
+      constexpr int kSteps = kVecs >= kChains ? 1 : kChains / kVecs;
+      int64_t g = 0;
+      for (; g + kSteps <= num_groups; g += kSteps) {
 #pragma GCC unroll 4
-        for (int64_t k = first; k < first + G; k += Vec::size()) {
-          const Vec wk = load_int8(w + k);
-          for (int m = 0; m < M; ++m)
-            part[m] = at::vec::fmadd(wk, Vec::loadu(x + m * k_size + k), part[m]);
+        for (int j = 0; j < kSteps; ++j) {
+          const Vec group_scale(s[g + j]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kVecs; ++v) {
+            const int64_t k = (g + j) * G + v * Vec::size();
+            const Vec wk = load_int8(w + k) * group_scale;
+            for (int m = 0; m < M; ++m) {
+              Vec& sum = acc[m][(j * kVecs + v) % kChains];
+              sum = at::vec::fmadd(wk, Vec::loadu(x + m * k_size + k), sum);
+            }
+          }
         }
+      }
+      for (; g < num_groups; ++g) {  // the groups left over, on the first chain
         const Vec group_scale(s[g]);
-        for (int m = 0; m < M; ++m) acc[m] = at::vec::fmadd(part[m], group_scale, acc[m]);
-      } else {
+        for (int64_t k = g * G; k < (g + 1) * G; k += Vec::size()) {
+          const Vec wk = load_int8(w + k) * group_scale;
+          for (int m = 0; m < M; ++m)
+            acc[m][0] = at::vec::fmadd(wk, Vec::loadu(x + m * k_size + k), acc[m][0]);
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < num_groups; ++g) {
         for (int m = 0; m < M; ++m) {
           float part = 0.f;
-          for (int64_t k = first; k < first + group_size; ++k)
+          for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k)
             part += x[m * k_size + k] * static_cast<float>(w[k]);
           sums[m] += part * s[g];
         }
       }
     }
     for (int m = 0; m < M; ++m) {
+      const Vec total = (acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]);
       float sum = sums[m] + at::vec::vec_reduce_all<float>(
-                                [](Vec& a, Vec& b) { return a + b; }, acc[m]);
+                                [](Vec& a, Vec& b) { return a + b; }, total);
       out[m * out_stride + n] = static_cast<T>(bias ? sum + static_cast<float>(bias[n]) : sum);
     }
   }
