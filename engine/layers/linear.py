@@ -47,7 +47,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
-        self.weight_scale = None  # fp32 [out] when quantized
+        self.weight_scale = None  # fp32 [out, groups] when quantized
         if quantize:
             qweight, self.weight_scale = quantize_int8(weight)
             weight, self.weight = dequantize_int8(qweight, self.weight_scale, weight.dtype), qweight

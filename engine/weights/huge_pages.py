@@ -31,8 +31,12 @@ def move_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return tensors
     unique = {t.data_ptr(): t for t in tensors}
     total = sum(_aligned(t.numel() * t.element_size(), ALIGNMENT) for t in unique.values())
-    arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    except OSError as e:  # no memory for a second copy: the weights stay where they are
+        logger.warning("weights not moved into huge pages: %s", e)
+        return tensors
     arena_bytes = torch.frombuffer(arena, dtype=torch.uint8)  # keeps the mapping alive
     offset = (-arena_bytes.data_ptr()) % HUGE_PAGE  # the first tensor on a huge-page boundary
     copies = {}
