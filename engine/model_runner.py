@@ -104,6 +104,7 @@ class ModelRunner:
             self.compiled_decode = CompiledDecodeStep(model, model_config, self.rotary,
                                                       self.kv_cache, self.max_blocks)
             self.compiled_decode.start()
+        self.weight_mover: threading.Thread | None = None  # the move into huge pages, if any
         if can_pack(device, dtype):
             logger.info("CPU linears packed for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",

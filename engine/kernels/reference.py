@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.layers.quantization import dequantize_int8
+
 
 def store_kv_reference(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -131,9 +133,7 @@ def int8_linear_reference(
     bias: torch.Tensor | None,  # [out], x's dtype
 ) -> torch.Tensor:
     """x times the dequantized weights, in fp32, rounded once to x's dtype."""
-    num_rows, in_features = qweight.shape
-    weight = (qweight.float().reshape(num_rows, scale.shape[1], -1) * scale[:, :, None])
-    y = F.linear(x.float(), weight.reshape(num_rows, in_features))
+    y = F.linear(x.float(), dequantize_int8(qweight, scale, torch.float32))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

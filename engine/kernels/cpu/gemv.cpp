@@ -112,6 +112,29 @@ void parallel_rows(int64_t n_size, const Rows& rows) {
   });
 }
 
+// f(std::integral_constant<int, M>{}) for M = num_rows (1..kMaxRows), a compile-time constant.
+template <typename F>
+void with_rows(int64_t num_rows, const F& f) {
+  switch (num_rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: break;  // no rows
+  }
+}
+
+// f(T{}) for the element type T of `type`: fp32, bf16 or fp16.
+template <typename F>
+void with_float_type(at::ScalarType type, const char* what, const F& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, what, " in float32, bfloat16 or float16 expected");
+  }
+}
+
 // y [M, N] = x W^T + b, all of dtype T (the sums in fp32, rounded once).
 template <typename T, int M>
 void gemv(const T* x, const T* weight, const T* bias, int64_t k_size, int64_t n_size, T* y) {
@@ -138,22 +161,6 @@ void gemv(const T* x, const T* weight, const T* bias, int64_t k_size, int64_t n_
   });
 }
 
-template <typename T>
-void gemv_dispatch(const at::Tensor& x, const at::Tensor& weight,
-                   const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  const T* x_data = x.data_ptr<T>();
-  const T* w = weight.data_ptr<T>();
-  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  const int64_t k = weight.size(1), n = weight.size(0);
-  switch (x.size(0)) {
-    case 1: gemv<T, 1>(x_data, w, b, k, n, y.data_ptr<T>()); break;
-    case 2: gemv<T, 2>(x_data, w, b, k, n, y.data_ptr<T>()); break;
-    case 3: gemv<T, 3>(x_data, w, b, k, n, y.data_ptr<T>()); break;
-    case 4: gemv<T, 4>(x_data, w, b, k, n, y.data_ptr<T>()); break;
-    default: break;  // no rows
-  }
-}
-
 at::Tensor small_batch_linear(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
@@ -167,12 +174,14 @@ at::Tensor small_batch_linear(const at::Tensor& input, const at::Tensor& weight,
               "input, weight and bias must share a dtype");
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty({input.size(0), weight.size(0)}, input.options());
-  switch (weight.scalar_type()) {
-    case at::kFloat: gemv_dispatch<float>(x, weight, bias, y); break;
-    case at::kBFloat16: gemv_dispatch<c10::BFloat16>(x, weight, bias, y); break;
-    case at::kHalf: gemv_dispatch<c10::Half>(x, weight, bias, y); break;
-    default: TORCH_CHECK(false, "weights in float32, bfloat16 or float16 expected");
-  }
+  with_float_type(weight.scalar_type(), "weights", [&](auto type) {
+    using T = decltype(type);
+    const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+    with_rows(x.size(0), [&](auto rows) {
+      gemv<T, rows()>(x.data_ptr<T>(), weight.data_ptr<T>(), b, weight.size(1), weight.size(0),
+                      y.data_ptr<T>());
+    });
+  });
   return y;
 }
 
@@ -277,23 +286,6 @@ void int8_gemv(const T* x, const int8_t* qweight, const float* scale, const T* b
   });
 }
 
-template <typename T>
-void int8_gemv_dispatch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                        const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  const T* x_data = x.data_ptr<T>();
-  const int8_t* q = qweight.data_ptr<int8_t>();
-  const float* s = scale.data_ptr<float>();
-  const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  const int64_t k = qweight.size(1), n = qweight.size(0), group = k / scale.size(1);
-  switch (x.size(0)) {
-    case 1: int8_gemv<T, 1>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
-    case 2: int8_gemv<T, 2>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
-    case 3: int8_gemv<T, 3>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
-    case 4: int8_gemv<T, 4>(x_data, q, s, b, k, group, n, y.data_ptr<T>()); break;
-    default: break;  // no rows
-  }
-}
-
 at::Tensor int8_small_batch_linear(const at::Tensor& input, const at::Tensor& qweight,
                                    const at::Tensor& scale,
                                    const c10::optional<at::Tensor>& bias) {
@@ -311,12 +303,15 @@ at::Tensor int8_small_batch_linear(const at::Tensor& input, const at::Tensor& qw
               "bias [out] in the input's dtype expected");
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty({input.size(0), qweight.size(0)}, input.options());
-  switch (input.scalar_type()) {
-    case at::kFloat: int8_gemv_dispatch<float>(x, qweight, scale, bias, y); break;
-    case at::kBFloat16: int8_gemv_dispatch<c10::BFloat16>(x, qweight, scale, bias, y); break;
-    case at::kHalf: int8_gemv_dispatch<c10::Half>(x, qweight, scale, bias, y); break;
-    default: TORCH_CHECK(false, "input in float32, bfloat16 or float16 expected");
-  }
+  const int64_t k_size = qweight.size(1), group = k_size / scale.size(1);
+  with_float_type(input.scalar_type(), "input", [&](auto type) {
+    using T = decltype(type);
+    const T* b = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+    with_rows(x.size(0), [&](auto rows) {
+      int8_gemv<T, rows()>(x.data_ptr<T>(), qweight.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                           b, k_size, group, qweight.size(0), y.data_ptr<T>());
+    });
+  });
   return y;
 }
 
