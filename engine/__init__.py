@@ -9,6 +9,7 @@ from __future__ import annotations
 from engine.lazy import lazy_names
 
 _MODULE_OF = {
+    "AsyncEngineClient": "engine.async_engine",
     "AsyncLLM": "engine.async_engine",
     "EngineDeadError": "engine.async_engine",
     "QueueFullError": "engine.async_engine",
@@ -18,6 +19,8 @@ _MODULE_OF = {
     "BackgroundLoader": "engine.background",
     "LoadState": "engine.background",
     "EngineConfig": "engine.config",
+    "EngineInfo": "engine.engine_info",
+    "EngineProcessClient": "engine.process_client",
     "ModelConfig": "engine.config",
     "RequestError": "engine.input_processor",
     "LLM": "engine.llm",

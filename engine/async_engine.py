@@ -1,8 +1,10 @@
-"""The asyncio front: `generate()` is an async iterator of outputs, the step loop runs on its own
-thread so the event loop stays free to answer (health checks, other clients).
+"""The asyncio front: `generate()` is an async iterator of outputs while the engine steps
+elsewhere, so the event loop stays free to answer (health checks, other clients).
 
-Requests cross threads through an inbox; outputs come back through each request's asyncio queue.
-If the loop dies, every open stream gets `EngineDeadError` and later calls fail at once.
+`AsyncEngineClient` is the part every front shares: admission, one asyncio queue per request,
+aborts. `AsyncLLM` steps the engine on a thread of this process (requests cross through an inbox);
+`engine.process_client.EngineProcessClient` talks to an engine in its own process. If the engine
+dies, every open stream gets `EngineDeadError` and later calls fail at once.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class _Stream:
 class RequestStream:
     """The outputs of one request, in order; the last one has `finished`."""
 
-    def __init__(self, llm: AsyncLLM, request_id: str):
+    def __init__(self, llm: AsyncEngineClient, request_id: str):
         self.llm, self.request_id = llm, request_id
         self.queue: asyncio.Queue = asyncio.Queue()
         self.is_finished = False
@@ -86,27 +88,40 @@ class RequestStream:
             self.llm._close_stream(self.request_id, self.is_finished)
 
 
-class AsyncLLM:
-    def __init__(self, engine: LLMEngine, max_pending_requests: int = 1024):
-        self.engine = engine
+class AsyncEngineClient:
+    """The request side of an engine that runs elsewhere (a thread, a process): admission,
+    one stream per request, aborts. Subclasses say how requests get there and outputs back."""
+
+    def __init__(self, max_pending_requests: int = 1024):
         self.max_pending_requests = max_pending_requests
         self.error: BaseException | None = None
         self._streams: dict[str, _Stream] = {}
         self._num_pending = 0  # requests admitted and not yet closed (event-loop thread only)
-        self._inbox: list[tuple[str, object]] = []
         self._lock = threading.Lock()
-        self._wakeup = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
-
-    @property
-    def is_running(self) -> bool:
-        return self.error is None and self._thread.is_alive()
 
     @property
     def num_pending(self) -> int:
         return self._num_pending
+
+    async def _process_inputs(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> EngineRequest:
+        """Tokenize and validate (RequestError for a bad request), off the event loop."""
+        raise NotImplementedError
+
+    def _post(self, command: str, payload: object) -> None:
+        """Send "add" (an EngineRequest) or "abort" (a request id) to the engine."""
+        raise NotImplementedError
+
+    async def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        raise NotImplementedError
+
+    def failure(self) -> str | None:
+        """Why the engine cannot serve any more, or None."""
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        raise NotImplementedError
 
     async def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -123,21 +138,17 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._num_pending += 1  # reserved now: the await below lets other requests in
         try:
-            # Tokenizing a long prompt takes a while: keep it off the event loop.
-            request = await asyncio.to_thread(
-                self.engine.process_inputs, request_id, prompt, params
-            )
+            request = await self._process_inputs(request_id, prompt, params)
         except BaseException:
             self._num_pending -= 1
             raise
         stream = RequestStream(self, request_id)
-        with self._lock:  # the loop may have died during the await: never queue into a corpse
+        with self._lock:  # the engine may have died during the await: never queue into a corpse
             if self.error is not None:
                 self._num_pending -= 1
                 raise EngineDeadError(f"the engine stopped: {self.error!r}")
             self._streams[request_id] = _Stream(asyncio.get_running_loop(), stream.queue)
-            self._inbox.append(("add", request))
-        self._wakeup.set()
+        self._post("add", request)
         return stream
 
     async def generate(
@@ -172,6 +183,50 @@ class AsyncLLM:
             self._deliver(request_id, RequestCancelledError(reason))
             self._post("abort", request_id)
         return len(request_ids)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The engine is gone: every open stream ends with EngineDeadError, later calls fail."""
+        with self._lock:
+            self.error = error
+            request_ids = list(self._streams)
+        dead = EngineDeadError(f"the engine stopped: {error!r}")
+        for request_id in request_ids:
+            self._deliver(request_id, dead)
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        # A closed event loop raises RuntimeError: nobody is left to read this stream.
+        with contextlib.suppress(RuntimeError):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+
+class AsyncLLM(AsyncEngineClient):
+    """The engine in this process, stepped on its own thread."""
+
+    def __init__(self, engine: LLMEngine, max_pending_requests: int = 1024):
+        super().__init__(max_pending_requests)
+        self.engine = engine
+        self._inbox: list[tuple[str, object]] = []
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    async def _process_inputs(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> EngineRequest:
+        # Tokenizing a long prompt takes a while: keep it off the event loop.
+        return await asyncio.to_thread(self.engine.process_inputs, request_id, prompt, params)
+
+    async def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        # The template and its tokenizing take a while for long chats: off the event loop.
+        return await asyncio.to_thread(self.engine.chat_prompt_ids, messages)
 
     def failure(self) -> str | None:
         """Why the engine cannot serve any more (its loop died, or a tensor-parallel worker is
@@ -216,17 +271,4 @@ class AsyncLLM:
                     self._deliver(output.request_id, output)
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop; report it
             logger.exception("engine loop died")
-            with self._lock:
-                self.error = e
-                request_ids = list(self._streams)
-            dead = EngineDeadError(f"the engine stopped: {e!r}")
-            for request_id in request_ids:
-                self._deliver(request_id, dead)
-
-    def _deliver(self, request_id: str, item: object) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        # A closed event loop raises RuntimeError: nobody is left to read this stream.
-        with contextlib.suppress(RuntimeError):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            self._fail_all(e)

@@ -12,6 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
+from engine.engine_info import EngineInfo
 from engine.load_progress import LoadProgress
 from engine.weights.prefetch import prefetch_weights
 
@@ -35,6 +36,7 @@ class BackgroundLoader:
         self.state = LoadState.IDLE
         self.error: BaseException | None = None
         self.engine: LLMEngine | None = None
+        self.info: EngineInfo | None = None  # set with the engine
         self._lock = threading.Lock()
         self._done = threading.Event()
 
@@ -60,6 +62,7 @@ class BackgroundLoader:
             from engine.llm_engine import LLMEngine
 
             self.engine = LLMEngine(self.config, self.progress, early_reader)
+            self.info = self.engine.info()
             self.state = LoadState.READY
             snapshot = self.progress.snapshot()
             logger.info(
@@ -80,3 +83,16 @@ class BackgroundLoader:
         if self.error is not None:
             status["reason"] = f"{type(self.error).__name__}: {self.error}"
         return status
+
+    def stats(self) -> dict[str, Any] | None:
+        """The engine's counters and gauges, read now; None until it is loaded."""
+        return self.engine.stats() if self.engine is not None else None
+
+    def failure(self) -> str | None:
+        """Why a loaded engine cannot serve (a tensor-parallel worker is gone), or None."""
+        executor = self.engine.executor if self.engine is not None else None
+        return executor.dead_worker() if executor is not None else None
+
+    def shutdown(self) -> None:
+        if self.engine is not None:  # loaded but never served: its workers still stop
+            self.engine.shutdown()

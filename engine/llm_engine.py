@@ -23,6 +23,7 @@ from engine.distributed.sharding import check_divisible, shard_model
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel, init_tensor_parallel
 from engine.distributed.worker import rank_model_config, threads_per_rank
 from engine.engine_core import EngineCore
+from engine.engine_info import EngineInfo
 from engine.input_processor import EngineRequest, InputLimits, InputProcessor, RequestError
 from engine.kernels import cpu_ops
 from engine.layers.attention import get_attention_backend
@@ -244,10 +245,14 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def check_workers(self) -> None:
+        """Raise WorkerDiedError if a tensor-parallel worker is gone (no-op on one rank)."""
         if self.executor is not None and (dead := self.executor.dead_worker()) is not None:
             # Without all its ranks the model cannot run: the engine stops (and /ping says why).
             raise WorkerDiedError(dead)
+
+    def step(self) -> list[RequestOutput]:
+        self.check_workers()
         processed = self.output_processor.process(self.core.step())
         for request_id, index in processed.stopped_seqs:
             self.core.finish_seq(request_id, index, FinishReason.STOP)
@@ -256,6 +261,14 @@ class LLMEngine:
         return processed.outputs
 
     # -- observability --------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        """What the server needs to know of this engine (built once per call: ~20 ms)."""
+        return EngineInfo.from_tokenizer(
+            self.hf_tokenizer, max_model_len=self.max_model_len,
+            dtype=str(self.dtype).removeprefix("torch."), device_type=self.device.type,
+            eos_token_ids=self.eos_token_ids,
+        )
 
     @property
     def num_prompt_tokens_computed(self) -> int:

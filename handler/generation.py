@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from functools import lru_cache
 
 from engine import (
-    AsyncLLM,
+    AsyncEngineClient,
     EngineDeadError,
+    EngineInfo,
     QueueFullError,
     RequestCancelledError,
     RequestError,
@@ -32,25 +33,15 @@ _PARAM_NAMES = {
 
 
 class GenerationService:
-    def __init__(self, llm: AsyncLLM, metrics: Metrics):
+    def __init__(self, llm: AsyncEngineClient, metrics: Metrics, info: EngineInfo):
         self.llm, self.metrics = llm, metrics
-        self.tokenizer = llm.engine.hf_tokenizer
-        special = set(llm.engine.eos_token_ids)
-        if self.tokenizer is not None:
-            special |= set(self.tokenizer.all_special_ids)
-        self.special_ids = special
-        self.token_text = lru_cache(maxsize=65536)(self._token_text)
-
-    def _token_text(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode([token_id])
+        self.special_ids = set(info.eos_token_ids) | set(info.special_token_ids)
+        self.token_text = lru_cache(maxsize=65536)(info.token_text_decoder())
 
     async def prompts(self, job: Job) -> list[str | list[int]]:
         if job.kind is not ApiKind.CHAT:
             return list(job.prompts or [])
-        # The template and its tokenizing take a while for long chats: off the event loop.
-        return [await asyncio.to_thread(self.llm.engine.chat_prompt_ids, job.messages)]
+        return [await self.llm.chat_prompt_ids(job.messages)]
 
     async def start(self, job: Job, request_id: str) -> list[RequestStream]:
         """Queue every prompt of the job; on any refusal, abort the ones queued and raise."""

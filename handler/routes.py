@@ -114,12 +114,12 @@ def _check_model(request: Request, model: str | None, param: str = "model") -> N
 async def info(request: Request) -> Response:
     """TGI's `GET /info`: what the router would say of its model and limits."""
     state = _state(request)
-    engine = state.loader.engine if state.loader.state is LoadState.READY else None
-    max_total = engine.max_model_len if engine is not None else None
+    info = state.loader.info if state.loader.state is LoadState.READY else None
+    max_total = info.max_model_len if info is not None else None
     return JSONResponse({
         "model_id": state.settings.served_model_name, "model_sha": None,
-        "model_dtype": str(engine.dtype).removeprefix("torch.") if engine else None,
-        "model_device_type": engine.device.type if engine else None,
+        "model_dtype": info.dtype if info else None,
+        "model_device_type": info.device_type if info else None,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": state.settings.max_pending_requests,
         "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,

@@ -30,6 +30,7 @@ class ServerSettings:
     served_model_name: str = "default"
     api_key: str | None = None
     load_on_first_request: bool = False
+    engine_process: bool = True  # the engine in a process of its own (off: a thread of this one)
     first_request_load_timeout: float = 50.0  # seconds; inside SageMaker's 60 s invocation limit
     max_body_bytes: int = MAX_BODY_BYTES
     max_pending_requests: int = 1024
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--verify-weights", action=argparse.BooleanOptionalAction, default=True,
         help="check the weights' per-tensor checksums while loading (a mismatch fails the "
         "load); --no-verify-weights skips it")
+    add("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+        help="run the engine in a process of its own, so the HTTP side never competes with a "
+        "step for the GIL (--no-engine-process: a thread of the server's process)")
     add("--load-on-first-request", action=argparse.BooleanOptionalAction, default=False,
         help="serverless mode: /ping is 200 at once, the first invocation loads the model")
     add("--first-request-load-timeout", type=float, default=50.0,
@@ -204,6 +208,7 @@ def parse_settings(
             host=args.host, port=port,
             served_model_name=args.served_model_name or _model_name(model),
             api_key=args.api_key, load_on_first_request=args.load_on_first_request,
+            engine_process=args.engine_process,
             first_request_load_timeout=args.first_request_load_timeout,
             max_body_bytes=args.max_body_bytes, max_pending_requests=args.max_pending_requests,
             default_max_new_tokens=args.default_max_new_tokens,

@@ -7,7 +7,14 @@ import asyncio
 import logging
 from typing import Any
 
-from engine import AsyncLLM, BackgroundLoader, EngineConfig, LoadState
+from engine import (
+    AsyncEngineClient,
+    AsyncLLM,
+    BackgroundLoader,
+    EngineConfig,
+    EngineProcessClient,
+    LoadState,
+)
 from handler.generation import GenerationService
 from handler.gpu_metrics import GpuMetrics
 from handler.metrics import Metrics
@@ -20,7 +27,14 @@ logger = logging.getLogger(__name__)
 class ServerState:
     def __init__(self, settings: ServerSettings, engine_config: EngineConfig):
         self.settings = settings
-        self.loader = BackgroundLoader(engine_config)
+        # The engine's load and, in its own process, the engine itself (it then also serves as
+        # the service's client); else loaded and stepped on threads of this process.
+        self.loader: BackgroundLoader | EngineProcessClient
+        if settings.engine_process:
+            self.loader = EngineProcessClient(engine_config, settings.max_pending_requests,
+                                              settings.log_level)
+        else:
+            self.loader = BackgroundLoader(engine_config)
         self.metrics = Metrics()
         self.service: GenerationService | None = None
         self.connection_guard: Any = None  # set by the server that runs the app
@@ -30,8 +44,7 @@ class ServerState:
         self.metrics.registry.register(self.gpu_metrics)
 
     def _engine_stats(self) -> dict[str, Any] | None:
-        engine = self.loader.engine
-        return engine.stats() if engine is not None else None
+        return self.loader.stats()
 
     def start(self) -> None:
         self.gpu_metrics.start()
@@ -42,8 +55,7 @@ class ServerState:
         self.gpu_metrics.stop()
         if self.service is not None:
             self.service.llm.shutdown()
-        if self.loader.engine is not None:  # loaded but never served: its workers still stop
-            self.loader.engine.shutdown()
+        self.loader.shutdown()  # loaded but never served: its workers still stop
 
     def cancel_open_requests(self, reason: str) -> None:
         """End every open request now, each stream with its error record (event loop only)."""
@@ -54,7 +66,7 @@ class ServerState:
     def health(self) -> tuple[int, dict[str, Any]]:
         """/ping's answer: 200 ready, 503 loading, 500 failed or dead (with the reason)."""
         status = self.loader.status()
-        if self.service is not None and (reason := self.service.llm.failure()) is not None:
+        if (reason := self._failure()) is not None:
             return 500, {"status": "failed", "reason": reason}
         state = self.loader.state
         if state is LoadState.FAILED:
@@ -66,9 +78,13 @@ class ServerState:
             return 200, {**status, "detail": "the model loads on the first request"}
         return 503, status
 
+    def _failure(self) -> str | None:
+        """Why a loaded engine cannot serve any more (noticed even before any request)."""
+        return (self.service.llm if self.service is not None else self.loader).failure()
+
     async def get_service(self) -> GenerationService:
         if self.service is not None:
-            if (reason := self.service.llm.failure()) is not None:
+            if (reason := self._failure()) is not None:
                 raise ApiError(503, f"the engine stopped: {reason}")
             return self.service
         if self.settings.load_on_first_request:
@@ -80,7 +96,14 @@ class ServerState:
             raise ApiError(503, "the model is still loading", headers={"Retry-After": "5"})
         async with self._service_lock:
             if self.service is None:
-                assert self.loader.engine is not None
-                llm = AsyncLLM(self.loader.engine, self.settings.max_pending_requests)
-                self.service = GenerationService(llm, self.metrics)
+                assert self.loader.info is not None
+                # Building the token decoder takes ~0.1 s: off the event loop.
+                self.service = await asyncio.to_thread(
+                    GenerationService, self._client(), self.metrics, self.loader.info)
         return self.service
+
+    def _client(self) -> AsyncEngineClient:
+        if isinstance(self.loader, EngineProcessClient):
+            return self.loader
+        assert self.loader.engine is not None
+        return AsyncLLM(self.loader.engine, self.settings.max_pending_requests)

@@ -42,6 +42,9 @@ def serve(engine_config: EngineConfig, wait_ready: bool = True, **settings) -> I
     """The app behind the server `python -m handler` runs (guarded connections, timeouts)."""
     settings.setdefault("graceful_shutdown_seconds", 5.0)
     settings.setdefault("log_level", "warning")
+    # The engine in this process, so tests can reach into it (faults, block counts); the
+    # engine-process tests ask for the process.
+    settings.setdefault("engine_process", False)
     server_settings = ServerSettings(host="127.0.0.1", **settings)
     app = build_app(server_settings, engine_config)
     server = build_server(app, server_settings, port=0)

@@ -27,9 +27,14 @@ def _is_alive(process: psutil.Process) -> bool:
         return False
 
 
-def _workers(pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(pid).children(recursive=True)
-            if "spawn_main" in " ".join(p.cmdline())]
+def _spawned(process: psutil.Process) -> list[psutil.Process]:
+    return [p for p in process.children() if "spawn_main" in " ".join(p.cmdline())]
+
+
+def _engine_and_workers(pid: int) -> tuple[psutil.Process, list[psutil.Process]]:
+    """The server's engine process, and the rank processes it started."""
+    (engine,) = _spawned(psutil.Process(pid))
+    return engine, _spawned(engine)
 
 
 @pytest.mark.parametrize("kill_worker", [False, True])
@@ -44,7 +49,7 @@ def test_two_ranks_serve_and_stop_with_the_server(tiny_llama_dir, tiny_offline, 
         wait_until_ready(url, process)
         # Ready only once every rank has loaded its share: the wait is a phase of its own.
         assert "ranks" in httpx.get(url + "/ping", timeout=5).json()["phase_seconds"]
-        workers = _workers(process.pid)
+        engine, workers = _engine_and_workers(process.pid)
         assert len(workers) == 1
         body = {"prompt": [5, 6, 7, 8, 9], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
@@ -56,7 +61,7 @@ def test_two_ranks_serve_and_stop_with_the_server(tiny_llama_dir, tiny_offline, 
             _kill_and_check_the_server_says_so(url, workers[0], body)
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
-        assert not [p for p in workers if _is_alive(p)]
+        assert not [p for p in [engine, *workers] if _is_alive(p)]
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,0 +1,54 @@
+"""What a loaded engine tells its server about itself: limits, dtype and enough of the tokenizer
+to name tokens. Pure Python and picklable, so it crosses from the engine process to the server,
+which never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    max_model_len: int
+    dtype: str  # "float32", "bfloat16", ...
+    device_type: str  # "cpu", "cuda"
+    eos_token_ids: tuple[int, ...]
+    special_token_ids: tuple[int, ...] = ()
+    tokenizer_json: str | None = None  # the fast tokenizer, serialized; None: no tokenizer
+    # Token ids whose text transformers' decode changes after the fast tokenizer (its
+    # `clean_up_tokenization_spaces`); empty for most models.
+    token_text_overrides: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_tokenizer(cls, hf_tokenizer: Any | None, **limits: Any) -> EngineInfo:
+        if hf_tokenizer is None:
+            return cls(**limits)
+        backend = hf_tokenizer.backend_tokenizer
+        overrides = {}
+        if getattr(hf_tokenizer, "clean_up_tokenization_spaces", False):
+            # Rare, and decided inside transformers per tokenizer: compare every id once.
+            ids = range(backend.get_vocab_size(with_added_tokens=True))
+            texts = hf_tokenizer.batch_decode([[i] for i in ids])
+            overrides = {i: text for i, text in zip(ids, texts, strict=True)
+                         if text != backend.decode([i], skip_special_tokens=False)}
+        return cls(**limits, special_token_ids=tuple(hf_tokenizer.all_special_ids),
+                   tokenizer_json=backend.to_str(), token_text_overrides=overrides)
+
+    def token_text_decoder(self) -> Callable[[int], str]:
+        """id -> the text transformers' `decode([id])` gives (takes ~0.1 s to build)."""
+        if self.tokenizer_json is None:
+            return lambda token_id: ""
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        overrides = self.token_text_overrides
+
+        def token_text(token_id: int) -> str:
+            text = overrides.get(token_id)
+            return text if text is not None else tokenizer.decode([token_id],
+                                                                  skip_special_tokens=False)
+
+        return token_text

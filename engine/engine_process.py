@@ -1,0 +1,148 @@
+"""The engine in a process of its own, as vLLM v1 runs its engine core.
+
+In one process the server's event loop (HTTP, JSON, SSE) and the engine's step share a GIL: the
+loop takes it between the ~300 ops of a step while the step's OpenMP threads wait, and a load
+(import torch, a GGUF dequantization) holds it long enough to stall /ping. Here the engine owns
+its interpreter; the server keeps only sockets and JSON.
+
+One duplex pipe, pickled messages `(kind, payload)`:
+  server -> engine: ("call", (call_id, method, args)) for tokenizing and chat templates,
+                    ("add", EngineRequest), ("abort", request_id), ("shutdown", None)
+  engine -> server: ("status", the loader's status) while loading, then ("ready", EngineInfo) or
+                    ("failed", status); ("result" | "refused" | "error", (call_id, ...));
+                    ("outputs", (outputs, stats)) after each step; ("stats", stats);
+                    ("dead", reason) if the step loop dies.
+The module imports nothing heavy: the server imports it to name the process's entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 0.05  # seconds between load status reports
+CALLABLE_METHODS = frozenset({"process_inputs", "chat_prompt_ids"})
+
+
+class Channel:
+    """The pipe's sending end, shared by the step loop, the reader and the loader."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, kind: str, payload: object) -> None:
+        with self._lock:
+            self.conn.send((kind, payload))
+
+
+def run_engine_process(config: EngineConfig, conn: Connection, log_level: str) -> None:
+    """The process's entry: load, report, then step until told to stop or the server is gone."""
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    # Ctrl-C reaches the whole process group; the server decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = Channel(conn)
+    engine = _load(config, channel)
+    if engine is None:
+        return
+    try:
+        EngineLoop(engine, conn, channel).run()
+    finally:
+        engine.shutdown()
+
+
+def _load(config: EngineConfig, channel: Channel) -> LLMEngine | None:
+    from engine.background import BackgroundLoader, LoadState
+
+    loader = BackgroundLoader(config)
+    loader.start()
+    while not loader.wait(STATUS_INTERVAL):
+        channel.send("status", loader.status())
+    channel.send("status", loader.status())
+    if loader.state is not LoadState.READY:
+        channel.send("failed", loader.status())
+        return None
+    channel.send("ready", loader.info)
+    return loader.engine
+
+
+class EngineLoop:
+    """Steps the engine while a reader thread takes in the server's messages."""
+
+    def __init__(self, engine: LLMEngine, conn: Connection, channel: Channel):
+        self.engine, self.conn, self.channel = engine, conn, channel
+        self._inbox: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stopping = False
+        threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                kind, payload = self.conn.recv()
+                if kind == "shutdown":
+                    break
+                if kind == "call":
+                    self._answer(*payload)
+                    continue
+                with self._lock:
+                    self._inbox.append((kind, payload))
+                self._wakeup.set()
+        except (EOFError, OSError):
+            logger.warning("the server is gone; the engine stops")
+        self._stopping = True
+        self._wakeup.set()
+
+    def _answer(self, call_id: int, method: str, args: tuple) -> None:
+        """Tokenizing runs here, beside the step, as it runs beside it on a server thread."""
+        from engine.input_processor import RequestError
+
+        try:
+            if method not in CALLABLE_METHODS:
+                raise ValueError(f"the engine has no method {method!r} to call")
+            value = getattr(self.engine, method)(*args)
+        except RequestError as e:
+            self.channel.send("refused", (call_id, str(e), e.param))
+        except Exception as e:  # noqa: BLE001 - the caller's request fails, not the engine
+            self.channel.send("error", (call_id, f"{type(e).__name__}: {e}"))
+        else:
+            self.channel.send("result", (call_id, value))
+
+    def _drain_inbox(self) -> bool:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            self._wakeup.clear()
+        for kind, payload in inbox:
+            if kind == "add":
+                self.engine.add_processed(payload)
+            else:
+                self.engine.abort(payload)
+        return bool(inbox)
+
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                if self._drain_inbox():
+                    self.channel.send("stats", self.engine.stats())  # aborts free blocks
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(timeout=0.5)
+                    self.engine.check_workers()  # a dead rank is reported even while idle
+                    continue
+                outputs = self.engine.step()
+                self.channel.send("outputs", (outputs, self.engine.stats()))
+        except (BrokenPipeError, EOFError):
+            logger.warning("the server is gone; the engine stops")
+        except BaseException as e:  # noqa: BLE001 - reported, then the process ends
+            logger.exception("engine loop died")
+            self.channel.send("dead", f"{type(e).__name__}: {e}")
