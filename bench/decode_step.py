@@ -65,8 +65,7 @@ def main() -> None:
     llm = LLM(str(MODEL) if MODEL.exists() else "", dtype=args.dtype, max_model_len=1024,
               max_num_seqs=64, compile_decode=args.compile_decode,
               attention_backend=args.attention_backend, quantization=args.quantization)
-    if llm.engine.runner.weight_mover is not None:
-        llm.engine.runner.weight_mover.join()  # the move into huge pages, in the background
+    llm.engine.runner.wait_for_weight_mover()  # the move into huge pages, in the background
     if args.compile_decode:
         start = time.perf_counter()
         if not llm.engine.runner.compiled_decode.is_ready.wait(900):

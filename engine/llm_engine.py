@@ -134,7 +134,11 @@ class LLMEngine:
         self.progress.finish()
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (no-op on one rank). Idempotent."""
+        """Stop the tensor-parallel workers (no-op on one rank) and wait for the background
+        weight move. Idempotent."""
+        runner = getattr(self, "runner", None)  # None when the build failed before it
+        if runner is not None:
+            runner.wait_for_weight_mover()
         if self.executor is not None:
             executor, self.executor = self.executor, None
             executor.shutdown(self.tp)

@@ -123,6 +123,13 @@ class ModelRunner:
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
         )
 
+    def wait_for_weight_mover(self) -> None:
+        """Before the process exits: a daemon thread still inside a tensor copy when the
+        interpreter finalizes aborts the process ("terminate called without an active
+        exception"). The move takes under a second."""
+        if self.weight_mover is not None:
+            self.weight_mover.join()
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run the step: the logits of the sequences that sample (those whose last token this

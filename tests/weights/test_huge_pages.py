@@ -56,3 +56,24 @@ def test_the_engine_moves_its_weights_in_the_background(tiny_model_dirs):
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
     assert model.lm_head.weight.data_ptr() % ALIGNMENT == 0
     assert llm.generate([[5, 6, 7]], params)[0].token_ids == before
+
+
+def test_shutdown_waits_for_the_move(tiny_model_dirs, monkeypatch):
+    """A daemon thread still copying when the interpreter finalizes aborts the process, so the
+    engine's shutdown returns only once the move is done."""
+    import threading
+    import time
+
+    from engine import LLM, model_runner
+
+    finished = threading.Event()
+
+    def slow_move(model: nn.Module) -> None:
+        time.sleep(0.5)
+        move_plain_weights_to_huge_pages(model)
+        finished.set()
+
+    monkeypatch.setattr(model_runner, "move_plain_weights_to_huge_pages", slow_move)
+    llm = LLM(tiny_model_dirs["llama"])
+    llm.shutdown()
+    assert finished.is_set()
