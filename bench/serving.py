@@ -178,12 +178,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def ours(dtype: str, extra: list[str]) -> tuple[list[str], str, dict]:
-    """`dtype` may name a quantization too: "bfloat16+int8" is `--dtype bfloat16 --quantization
-    int8`."""
+    """`dtype` may name options too: "bfloat16+int8" is `--dtype bfloat16 --quantization int8`,
+    "float32+thread" is `--no-engine-process` (the engine on a thread of the server)."""
     model = Path(__file__).resolve().parents[1] / ".cache/models/smollm2"
-    dtype, _, quantization = dtype.partition("+")
-    if quantization:
-        extra = ["--quantization", quantization, *extra]
+    dtype, *options = dtype.split("+")
+    for option in options:
+        extra = [*(["--no-engine-process"] if option == "thread" else
+                   ["--quantization", option]), *extra]
     cmd = [sys.executable, "-m", "handler", "--model", str(model), "--host", "127.0.0.1",
            "--port", "{port}", "--max-model-len", str(max(2048, PROMPT_TOKENS + NEW_TOKENS)),
            "--max-num-seqs", "64",

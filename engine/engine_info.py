@@ -5,6 +5,7 @@ which never imports torch or transformers.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,17 +39,33 @@ class EngineInfo:
                    tokenizer_json=backend.to_str(), token_text_overrides=overrides)
 
     def token_text_decoder(self) -> Callable[[int], str]:
-        """id -> the text transformers' `decode([id])` gives (takes ~0.1 s to build)."""
+        """id -> the text transformers' `decode([id])` gives. The tokenizer behind it is built
+        on the first call (~0.1 s holding the GIL): only requests that name tokens (logprobs,
+        TGI details) need it, and the server's /ping should not wait for it."""
         if self.tokenizer_json is None:
             return lambda token_id: ""
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(self.tokenizer_json)
         overrides = self.token_text_overrides
+        tokenizer = _LazyTokenizer(self.tokenizer_json)
 
         def token_text(token_id: int) -> str:
             text = overrides.get(token_id)
-            return text if text is not None else tokenizer.decode([token_id],
-                                                                  skip_special_tokens=False)
+            return text if text is not None else tokenizer.get().decode(
+                [token_id], skip_special_tokens=False)
 
         return token_text
+
+
+class _LazyTokenizer:
+    def __init__(self, tokenizer_json: str):
+        self.tokenizer_json = tokenizer_json
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    from tokenizers import Tokenizer
+
+                    self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        return self._tokenizer

@@ -97,9 +97,7 @@ class ServerState:
         async with self._service_lock:
             if self.service is None:
                 assert self.loader.info is not None
-                # Building the token decoder takes ~0.1 s: off the event loop.
-                self.service = await asyncio.to_thread(
-                    GenerationService, self._client(), self.metrics, self.loader.info)
+                self.service = GenerationService(self._client(), self.metrics, self.loader.info)
         return self.service
 
     def _client(self) -> AsyncEngineClient:
