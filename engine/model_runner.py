@@ -11,6 +11,7 @@ import math
 import mmap
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +21,15 @@ from engine.compiled_decode import CompiledDecodeStep, DecodeInputs
 from engine.config import CacheConfig, ModelConfig
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.layers.attention import AttentionBackend, AttentionMetadata
-from engine.layers.linear import can_pack, move_plain_weights_to_huge_pages, pack_linears
+from engine.layers.linear import (
+    MAX_SMALL_BATCH_ROWS,
+    can_pack,
+    move_plain_weights_to_huge_pages,
+    pack_linears,
+)
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import ForwardContext
+from engine.models.decoder_stack import build_decoder_stack
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -86,6 +93,7 @@ class ModelRunner:
     ):
         """`model_config`: this rank's share of the model (its heads) when sharded."""
         self.model, self.config, self.device, self.backend = model, model_config, device, backend
+        self.dtype = dtype
         self.tp = tp
         self.block_size = cache_config.block_size
         self.max_blocks = cdiv(max_model_len, self.block_size)
@@ -105,6 +113,8 @@ class ModelRunner:
                                                       self.kv_cache, self.max_blocks)
             self.compiled_decode.start()
         self.weight_mover: threading.Thread | None = None  # the move into huge pages, if any
+        self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
+        self.may_build_stack = True
         if can_pack(device, dtype):
             logger.info("CPU linears packed for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",
@@ -148,7 +158,8 @@ class ModelRunner:
         """The logits of the sampling rows [num_sampling, vocab] and of each prompt-logprob
         range. Every rank runs it on the same inputs: the collectives inside pair up."""
         cos, sin = self.rotary.lookup(inputs.positions)
-        ctx = ForwardContext(cos, sin, inputs.meta, self.kv_caches, self.backend)
+        ctx = ForwardContext(cos, sin, inputs.meta, self.kv_caches, self.backend,
+                             self._decoder_stack(inputs))
         hidden = self.model(inputs.input_ids, ctx)
         prompt_logits = [self.model.compute_logits(hidden[first : first + num_rows])
                          for first, num_rows in inputs.prompt_row_ranges]
@@ -156,6 +167,19 @@ class ModelRunner:
             empty = hidden.new_empty(0, self.config.vocab_size, dtype=torch.float32)
             return empty, prompt_logits
         return self.model.compute_logits(hidden[inputs.sample_indices]), prompt_logits
+
+    def _decoder_stack(self, inputs: StepInputs) -> Any | None:
+        """The C++ decoder stack, for a step of 1-4 sequences decoding on the C++ kernels. Built
+        at the first such step once the weights are in their final place (the move into huge
+        pages swaps them) and the kernels are loaded (both happen in the background)."""
+        num_tokens = inputs.input_ids.shape[0]
+        if (num_tokens > MAX_SMALL_BATCH_ROWS or inputs.meta.num_decode_tokens != num_tokens
+                or self.backend.name != "cpu" or self.weight_mover is None):
+            return None
+        if self.may_build_stack and not self.weight_mover.is_alive():
+            self.may_build_stack = False  # once: None means it cannot serve this model
+            self.decoder_stack = build_decoder_stack(self.model, self.kv_caches, self.dtype)
+        return self.decoder_stack
 
     def _compiled_decode(self, batch: ScheduledBatch) -> StepOutput | None:
         """The step through the compiled graph, when it is built and the step is one sequence

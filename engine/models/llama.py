@@ -7,6 +7,7 @@ Hugging Face's separate weights into their slices (`packed_slice`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
     backend: AttentionBackend
+    # Set for decode steps of a few sequences: every layer in one C++ call (decoder_stack.py).
+    decoder_stack: Any = None
 
 
 class Attention(nn.Module):
@@ -112,6 +115,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # [num_tokens, hidden]: the residual stream, which each norm adds a sublayer's output into
         residual = self._embed(input_ids)
+        if ctx.decoder_stack is not None:
+            meta = ctx.attn
+            x = ctx.decoder_stack.forward(residual, ctx.cos, ctx.sin, meta.slot_mapping,
+                                          meta.decode_block_tables, meta.decode_context_lens)
+            return self.norm(x, residual)
         x = None
         for layer in self.layers:
             x = layer(x, residual, ctx)

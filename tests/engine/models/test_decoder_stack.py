@@ -1,0 +1,43 @@
+"""The C++ decoder stack gives what the Python layers give, bit for bit: the same greedy tokens and
+the same log-probabilities, plain and int8, with and without biases, at 1-4 decoding sequences
+(the stack) and beside steps of more (the Python layers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18], [19, 20, 21], [22, 23]]
+
+
+def _generate(llm: LLM, use_stack: bool, num_prompts: int) -> list[tuple]:
+    runner = llm.engine.runner
+    runner.decoder_stack, runner.may_build_stack = None, use_stack
+    # Lengths differ, so six sequences become four, then fewer: both paths in one run.
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 2 * i, ignore_eos=True, logprobs=3)
+              for i in range(num_prompts)]
+    outputs = llm.generate(PROMPTS[:num_prompts], params)
+    if use_stack:
+        assert runner.decoder_stack is not None  # it served
+    return [(o.token_ids, o.outputs[0].logprobs) for o in outputs]
+
+
+@pytest.mark.parametrize(("kind", "dtype", "quantization"), [
+    ("llama", "float32", None), ("qwen2", "float32", None), ("llama", "bfloat16", None),
+    ("qwen2", "float32", "int8"), ("llama", "bfloat16", "int8"),
+])
+@pytest.mark.parametrize("num_prompts", [1, 3, 6])
+def test_stack_equals_the_python_layers(tiny_model_dirs, kind, dtype, quantization,
+                                        num_prompts):
+    llm = LLM(tiny_model_dirs[kind], dtype=dtype, quantization=quantization)
+    llm.engine.runner.wait_for_weight_mover()
+    expected = _generate(llm, use_stack=False, num_prompts=num_prompts)
+    assert _generate(llm, use_stack=True, num_prompts=num_prompts) == expected
+
+
+def test_no_stack_without_the_cpu_kernels(tiny_model_dirs):
+    llm = LLM(tiny_model_dirs["llama"], attention_backend="torch")
+    llm.engine.runner.wait_for_weight_mover()
+    llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3))
+    assert llm.engine.runner.decoder_stack is None
