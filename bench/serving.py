@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -95,8 +97,18 @@ def running(name: str, cmd: list[str], path: str, env: dict | None = None) -> It
 # -- the workload -----------------------------------------------------------------------------
 
 
-def prompts(num: int) -> list[list[int]]:
-    """Distinct 128-token prompts cut from a real text (the embedded model's tokenizer)."""
+@functools.cache
+def prompts(num: int, first: int = 0) -> list[list[int]]:
+    """Distinct 128-token prompts cut from a real text (the embedded model's tokenizer), the
+    `first`-th onwards: each round takes new ones, so no server answers from its prompt cache."""
+    ids = _text_ids()
+    while len(ids) < PROMPT_TOKENS + (first + num) * 7:
+        ids += ids
+    return [ids[i * 7 : i * 7 + PROMPT_TOKENS] for i in range(first, first + num)]
+
+
+@functools.cache
+def _text_ids() -> list[int]:
     from transformers import AutoTokenizer
 
     from engine.weights import default_model_path
@@ -104,10 +116,7 @@ def prompts(num: int) -> list[list[int]]:
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    while len(ids) < PROMPT_TOKENS + num * 7:
-        ids += ids
-    return [ids[i * 7 : i * 7 + PROMPT_TOKENS] for i in range(num)]
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 @dataclass
@@ -147,8 +156,10 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], re
     result.num_tokens += NEW_TOKENS  # EOS suppressed: every request makes exactly this many
 
 
-async def run_load(url: str, num_clients: int, requests_per_client: int, model: str) -> Result:
-    all_prompts = prompts(num_clients * requests_per_client + 1)
+async def run_load(url: str, num_clients: int, requests_per_client: int, model: str,
+                   round_index: int = 0) -> Result:
+    num_prompts = num_clients * requests_per_client + 1
+    all_prompts = prompts(num_prompts, round_index * num_prompts)
     result = Result()
     # A new connection per request: llama-server closes idle keep-alive connections, and a
     # request sent on one just as it closes fails. Loopback connections cost nothing here.
@@ -243,7 +254,10 @@ def main() -> None:
     parser.add_argument("--llama-types", nargs="+", default=["F32"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--requests-per-client", type=int, default=0,
-                        help="default: 4 for one client, 2 for more")
+                        help="default: 2 for one client, 1 for more (per round)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each load is run this many times per server, the servers taking "
+                        "turns, so a slow minute of the machine falls on all of them alike")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="flags for this server")
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
@@ -251,36 +265,50 @@ def main() -> None:
     args = parser.parse_args()
     PROMPT_TOKENS = args.prompt_tokens
     print(f"# {time.strftime('%Y-%m-%d')}, {cpu_name()}")
-    print(f"# prompts {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, streamed")
+    print(f"# prompts {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, streamed; "
+          f"medians of {args.rounds} rounds, servers taking turns")
     servers = [(f"this server {d}", *ours(d, args.extra)) for d in args.dtype]
     if args.llama_server:
         servers += [(f"llama-server {k}", *llama_server(args.llama_server, k, args.threads))
                     for k in args.llama_types]
-    rows: dict[str, dict[int, Result]] = {}
-    for name, cmd, path, env in servers:
-        with running(name, cmd, path, env) as url:
-            rows[name] = {}
-            for n in args.clients:
-                per_client = args.requests_per_client or (4 if n == 1 else 2)
-                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-                rows[name][n] = asyncio.run(run_load(url, n, per_client, model))
-                r = rows[name][n]
-                print(f"  {name}, {n} clients: {r.tok_s:.1f} tok/s", file=sys.stderr)
+    # rows[server][clients]: one Result per round
+    rows: dict[str, dict[int, list[Result]]] = {name: {} for name, *_ in servers}
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(running(name, cmd, path, env))
+                for name, cmd, path, env in servers}
+        models = {name: httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                  for name, url in urls.items()}
+        for n in args.clients:
+            per_client = args.requests_per_client or (2 if n == 1 else 1)
+            for round_index in range(args.rounds):
+                for name, url in urls.items():
+                    r = asyncio.run(run_load(url, n, per_client, models[name], round_index))
+                    rows[name].setdefault(n, []).append(r)
+                    print(f"  {name}, {n} clients, round {round_index + 1}: {r.tok_s:.1f} tok/s",
+                          file=sys.stderr)
+    print_table(rows, args.clients)
+
+
+def print_table(rows: dict[str, dict[int, list[Result]]], clients: list[int]) -> None:
     reference = next((n for n in rows if n.startswith("llama-server")), None)
     print("\n| server | clients | tok/s | TTFT p50 | TTFT p99 | ITL p50 | vs "
           f"{reference or 'transformers'} |")
     print("|---|---|---|---|---|---|---|")
     baseline = {}
     if reference is None:
-        baseline = {n: transformers_generate(min(n, 32)) for n in args.clients}
+        baseline = {n: transformers_generate(min(n, 32)) for n in clients}
         for n, tok_s in baseline.items():
             print(f"| transformers generate (batch {min(n, 32)}) | {n} | {tok_s:.1f} | | | | |")
     for name, by_clients in rows.items():
-        for n, r in by_clients.items():
-            ref = rows[reference][n].tok_s if reference else baseline[n]
-            print(f"| {name} | {n} | {r.tok_s:.1f} | {percentile(r.ttfts, 0.5) * 1e3:.0f} ms | "
-                  f"{percentile(r.ttfts, 0.99) * 1e3:.0f} ms | "
-                  f"{percentile(r.itls, 0.5) * 1e3:.1f} ms | {r.tok_s / ref:.2f}x |")
+        for n, results in by_clients.items():
+            # the ratio of each round, then their median: the servers ran side by side
+            ratios = [r.tok_s / (rows[reference][n][i].tok_s if reference else baseline[n])
+                      for i, r in enumerate(results)]
+            ttfts = [t for r in results for t in r.ttfts]
+            itls = [t for r in results for t in r.itls]
+            print(f"| {name} | {n} | {statistics.median(r.tok_s for r in results):.1f} | "
+                  f"{percentile(ttfts, 0.5) * 1e3:.0f} ms | {percentile(ttfts, 0.99) * 1e3:.0f} ms"
+                  f" | {percentile(itls, 0.5) * 1e3:.1f} ms | {statistics.median(ratios):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -82,21 +83,25 @@ class LLMEngine:
         """Everything after the ranks are started: tokenizer, weights, cache, the step's parts."""
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()
-        self.progress.set_phase("tokenizer")
-        self.hf_tokenizer = source.load_tokenizer()
+        # The tokenizer (import transformers ~0.8 s, then its files) loads on a thread beside the
+        # weights, whose copies and checksums mostly run without the GIL: off the path to ready.
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = pool.submit(source.load_tokenizer)
+            self.progress.set_phase("weights")
+            start = time.monotonic()
+            model = source.load_model(
+                model_class(self.model_config), self.model_config, self.device, self.dtype,
+                self.progress,
+            )
+            self.load_seconds = time.monotonic() - start
+            logger.info(
+                "loaded %s (%s, %.1f M params) in %.2f s", source.uri, self.dtype,
+                self.model_config.num_params / 1e6, self.load_seconds,
+            )
+            self.progress.set_phase("tokenizer")  # what is left of it, if anything
+            self.hf_tokenizer = tokenizer.result()
         self.tokenizer = getattr(self.hf_tokenizer, "backend_tokenizer", None)
         self.eos_token_ids = self._eos_token_ids(source.generation_config())
-        self.progress.set_phase("weights")
-        start = time.monotonic()
-        model = source.load_model(
-            model_class(self.model_config), self.model_config, self.device, self.dtype,
-            self.progress,
-        )
-        self.load_seconds = time.monotonic() - start
-        logger.info(
-            "loaded %s (%s, %.1f M params) in %.2f s", source.uri, self.dtype,
-            self.model_config.num_params / 1e6, self.load_seconds,
-        )
         shard_model(model, self.tp)
         self.rank_model_config = rank_model_config(self.model_config, self.tp.world_size)
         self.progress.set_phase("kv_cache")

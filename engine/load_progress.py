@@ -1,7 +1,7 @@
 """A load's progress, observable while it runs (another thread reads it). Pure Python: the server
 imports it before torch, to answer /ping from the first moment.
 
-Phases in order: starting (nothing begun yet), imports, config, tokenizer, weights, kv_cache,
+Phases in order: starting (nothing begun yet), imports, config, weights, tokenizer, kv_cache,
 then ready. Each phase's start is
 kept (wall-clock seconds), so /ping and /metrics show where a slow start spends its time. The byte
 total is known before the first byte (file sizes, or the S3 object's), so bytes count up from 0.
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # "ranks": waiting for the tensor-parallel workers to finish loading their shares
-LOAD_PHASES = ("starting", "imports", "config", "tokenizer", "weights", "ranks", "kv_cache",
+# "tokenizer": waiting for the tokenizer, which loads on a thread during "weights"
+LOAD_PHASES = ("starting", "imports", "config", "weights", "tokenizer", "ranks", "kv_cache",
                "ready")
 
 

@@ -178,7 +178,7 @@ def test_ping_tells_the_engines_load_as_it_goes():
             time.sleep(0.01)
     *loading, ready = answers
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-    assert list(ready.json()["phase_seconds"]) == ["imports", "config", "tokenizer", "weights",
+    assert list(ready.json()["phase_seconds"]) == ["imports", "config", "weights", "tokenizer",
                                                    "kv_cache"]
     assert loading and all(a.json()["status"] == "loading" for a in loading)
     phases = [LOAD_PHASES.index(a.json()["phase"]) for a in loading]
