@@ -254,7 +254,8 @@ def main() -> None:
     parser.add_argument("--llama-types", nargs="+", default=["F32"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--requests-per-client", type=int, default=0,
-                        help="default: 2 for one client, 1 for more (per round)")
+                        help="requests each client sends one after another, per round "
+                        "(default 2: a second wave arrives while the first decodes)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="each load is run this many times per server, the servers taking "
                         "turns, so a slow minute of the machine falls on all of them alike")
@@ -279,7 +280,7 @@ def main() -> None:
         models = {name: httpx.get(url + "/v1/models").json()["data"][0]["id"]
                   for name, url in urls.items()}
         for n in args.clients:
-            per_client = args.requests_per_client or (2 if n == 1 else 1)
+            per_client = args.requests_per_client or 2
             for round_index in range(args.rounds):
                 for name, url in urls.items():
                     r = asyncio.run(run_load(url, n, per_client, models[name], round_index))
@@ -291,24 +292,29 @@ def main() -> None:
 
 def print_table(rows: dict[str, dict[int, list[Result]]], clients: list[int]) -> None:
     reference = next((n for n in rows if n.startswith("llama-server")), None)
+    peers = [n for n in rows if n.startswith("llama-server")]
     print("\n| server | clients | tok/s | TTFT p50 | TTFT p99 | ITL p50 | vs "
-          f"{reference or 'transformers'} |")
-    print("|---|---|---|---|---|---|---|")
+          f"{reference or 'transformers'} | vs the best llama-server |")
+    print("|---|---|---|---|---|---|---|---|")
     baseline = {}
     if reference is None:
         baseline = {n: transformers_generate(min(n, 32)) for n in clients}
         for n, tok_s in baseline.items():
-            print(f"| transformers generate (batch {min(n, 32)}) | {n} | {tok_s:.1f} | | | | |")
+            print(f"| transformers generate (batch {min(n, 32)}) | {n} | {tok_s:.1f} | | | | | |")
     for name, by_clients in rows.items():
         for n, results in by_clients.items():
             # the ratio of each round, then their median: the servers ran side by side
             ratios = [r.tok_s / (rows[reference][n][i].tok_s if reference else baseline[n])
                       for i, r in enumerate(results)]
+            # in each round, against the fastest llama-server of that round
+            best = [r.tok_s / max(rows[p][n][i].tok_s for p in peers)
+                    for i, r in enumerate(results)] if peers else [float("nan")]
             ttfts = [t for r in results for t in r.ttfts]
             itls = [t for r in results for t in r.itls]
             print(f"| {name} | {n} | {statistics.median(r.tok_s for r in results):.1f} | "
                   f"{percentile(ttfts, 0.5) * 1e3:.0f} ms | {percentile(ttfts, 0.99) * 1e3:.0f} ms"
-                  f" | {percentile(itls, 0.5) * 1e3:.1f} ms | {statistics.median(ratios):.2f}x |")
+                  f" | {percentile(itls, 0.5) * 1e3:.1f} ms | {statistics.median(ratios):.2f}x | "
+                  f"{statistics.median(best):.2f}x |")
 
 
 if __name__ == "__main__":
