@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from engine.inbox import Inbox
 from engine.input_processor import EngineRequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -208,8 +209,7 @@ class AsyncLLM(AsyncEngineClient):
     def __init__(self, engine: LLMEngine, max_pending_requests: int = 1024):
         super().__init__(max_pending_requests)
         self.engine = engine
-        self._inbox: list[tuple[str, object]] = []
-        self._wakeup = threading.Event()
+        self._inbox = Inbox()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -238,21 +238,16 @@ class AsyncLLM(AsyncEngineClient):
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
-        self._wakeup.set()
+        self._inbox.wake()
         self._thread.join(timeout)
         if not self._thread.is_alive():  # the loop no longer steps: the workers can stop
             self.engine.shutdown()
 
     def _post(self, command: str, payload: object) -> None:
-        with self._lock:
-            self._inbox.append((command, payload))
-        self._wakeup.set()
+        self._inbox.post(command, payload)
 
     def _drain_inbox(self) -> None:
-        with self._lock:
-            inbox, self._inbox = self._inbox, []
-            self._wakeup.clear()
-        for command, payload in inbox:
+        for command, payload in self._inbox.take_all():
             if command == "add":
                 assert isinstance(payload, EngineRequest)
                 if payload.request_id in self._streams:  # not abandoned while queued
@@ -265,7 +260,7 @@ class AsyncLLM(AsyncEngineClient):
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait(timeout=0.5)
+                    self._inbox.wait(timeout=0.5)
                     continue
                 for output in self.engine.step():
                     self._deliver(output.request_id, output)

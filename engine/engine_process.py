@@ -21,7 +21,9 @@ import logging
 import signal
 import threading
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine.inbox import Inbox
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
@@ -81,9 +83,7 @@ class EngineLoop:
 
     def __init__(self, engine: LLMEngine, conn: Connection, channel: Channel):
         self.engine, self.conn, self.channel = engine, conn, channel
-        self._inbox: list[tuple[str, Any]] = []
-        self._lock = threading.Lock()
-        self._wakeup = threading.Event()
+        self._inbox = Inbox()
         self._stopping = False
         threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
 
@@ -96,13 +96,11 @@ class EngineLoop:
                 if kind == "call":
                     self._answer(*payload)
                     continue
-                with self._lock:
-                    self._inbox.append((kind, payload))
-                self._wakeup.set()
+                self._inbox.post(kind, payload)
         except (EOFError, OSError):
             logger.warning("the server is gone; the engine stops")
         self._stopping = True
-        self._wakeup.set()
+        self._inbox.wake()
 
     def _answer(self, call_id: int, method: str, args: tuple) -> None:
         """Tokenizing runs here, beside the step, as it runs beside it on a server thread."""
@@ -120,9 +118,7 @@ class EngineLoop:
             self.channel.send("result", (call_id, value))
 
     def _drain_inbox(self) -> bool:
-        with self._lock:
-            inbox, self._inbox = self._inbox, []
-            self._wakeup.clear()
+        inbox = self._inbox.take_all()
         for kind, payload in inbox:
             if kind == "add":
                 self.engine.add_processed(payload)
@@ -136,7 +132,7 @@ class EngineLoop:
                 if self._drain_inbox():
                     self.channel.send("stats", self.engine.stats())  # aborts free blocks
                 if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait(timeout=0.5)
+                    self._inbox.wait(timeout=0.5)
                     self.engine.check_workers()  # a dead rank is reported even while idle
                     continue
                 outputs = self.engine.step()
