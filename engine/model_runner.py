@@ -24,7 +24,7 @@ from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.linear import (
     MAX_SMALL_BATCH_ROWS,
     can_pack,
-    move_plain_weights_to_huge_pages,
+    pack_and_move,
     pack_linears,
 )
 from engine.layers.rotary import RotaryEmbedding
@@ -112,17 +112,17 @@ class ModelRunner:
             self.compiled_decode = CompiledDecodeStep(model, model_config, self.rotary,
                                                       self.kv_cache, self.max_blocks)
             self.compiled_decode.start()
-        self.weight_mover: threading.Thread | None = None  # the move into huge pages, if any
+        # oneDNN's packing and the move into huge pages, if any
+        self.weight_mover: threading.Thread | None = None
         self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
         self.may_build_stack = True
         if can_pack(device, dtype):
-            logger.info("CPU linears packed for oneDNN%s: %d",
+            logger.info("CPU linears for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",
                         pack_linears(model, quantization))
-            # off the path to the first token: the eager step serves meanwhile
+            # off the path to the first token: the plain weights serve meanwhile
             self.weight_mover = threading.Thread(
-                target=move_plain_weights_to_huge_pages, args=(model,), name="huge-pages",
-                daemon=True)
+                target=pack_and_move, args=(model,), name="pack-weights", daemon=True)
             self.weight_mover.start()
         elif quantization:
             raise ValueError(f"{quantization} weights are for the CPU's packed linears: fp32, or "
@@ -136,7 +136,7 @@ class ModelRunner:
     def wait_for_weight_mover(self) -> None:
         """Before the process exits: a daemon thread still inside a tensor copy when the
         interpreter finalizes aborts the process ("terminate called without an active
-        exception"). The move takes under a second."""
+        exception"). Packing and moving take about a second."""
         if self.weight_mover is not None:
             self.weight_mover.join()
 

@@ -17,6 +17,7 @@ are read faster.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu_ops
@@ -53,9 +54,21 @@ class PackedLinear(nn.Module):
             weight, self.weight = dequantize_int8(qweight, self.weight_scale, weight.dtype), qweight
         else:
             self.weight = weight  # plain [out, in], for the small-batch kernel
+        # What oneDNN's packed weight is made from, kept until `pack` has made it: the reorder
+        # (~0.3 s for SmolLM2's 121 linears) runs in the background, off the path to the first
+        # token, and `F.linear` on this serves meanwhile.
+        self.unpacked_weight: torch.Tensor | None = weight
         # An opaque oneDNN tensor: a plain attribute, outside the module's state dict.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+        self.packed_weight: torch.Tensor | None = None
         self.bias = None if bias is None else bias.detach()
+
+    def pack(self) -> None:
+        """Make oneDNN's packed weight. Safe while the layer serves: `forward` reads the unpacked
+        weight before the packed one, and this sets the packed one before dropping the other."""
+        if self.unpacked_weight is not None:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
+                self.unpacked_weight, PACK_ROWS_HINT)
+            self.unpacked_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= MAX_SMALL_BATCH_ROWS and cpu_ops.is_loaded():
@@ -63,7 +76,10 @@ class PackedLinear(nn.Module):
                 return torch.ops.llm_cpu.int8_small_batch_linear(
                     x, self.weight, self.weight_scale, self.bias)
             return torch.ops.llm_cpu.small_batch_linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        unpacked, packed = self.unpacked_weight, self.packed_weight  # in this order (`pack`)
+        if packed is None:
+            return F.linear(x, unpacked, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         int8 = ", int8" if self.weight_scale is not None else ""
@@ -72,8 +88,8 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module, quantization: str | None = None) -> int:
     """Replace every `nn.Linear` of `model` by a `PackedLinear` (int8 for the small-batch kernel
-    when `quantization` is "int8"); return how many. A tied output head gets its own packed copy
-    of the embedding."""
+    when `quantization` is "int8"), to be packed by `pack_and_move`; return how many. A tied
+    output head gets its own packed copy of the embedding."""
     quantize = quantization == "int8"
     num_packed = 0
     for module in list(model.modules()):
@@ -85,6 +101,15 @@ def pack_linears(model: nn.Module, quantization: str | None = None) -> int:
         model.lm_head = PackedLinear(model.embed_tokens.weight, None, quantize)
         num_packed += 1
     return num_packed
+
+
+def pack_and_move(model: nn.Module) -> None:
+    """What the model runner runs in the background once the model serves: oneDNN's packed
+    weights made, then the plain ones moved into huge pages."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.pack()
+    move_plain_weights_to_huge_pages(model)
 
 
 def move_plain_weights_to_huge_pages(model: nn.Module) -> None:

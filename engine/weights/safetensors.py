@@ -22,9 +22,20 @@ from engine.weights.source import (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+# The tokenizer classes that are tokenizer.json and nothing more (`PreTrainedTokenizerFast` is
+# transformers 5's `TokenizersBackend`).
+GENERIC_TOKENIZER_CLASSES = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
 def load_folder_tokenizer(folder: Path) -> Any | None:
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         return None
+    if _names_generic_tokenizer(folder):
+        # AutoTokenizer would import `transformers.models`, which scans every model's source
+        # files for its lazy imports (~0.4 s of a cold start), only to pick this same class.
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(str(folder))
     from transformers import AutoTokenizer, PretrainedConfig
 
     # The model's config handed over as a plain PretrainedConfig: left to itself, AutoTokenizer
@@ -34,6 +45,13 @@ def load_folder_tokenizer(folder: Path) -> Any | None:
     if (folder / "config.json").exists():
         extra["config"] = PretrainedConfig(**read_json(folder / "config.json"))
     return AutoTokenizer.from_pretrained(str(folder), **extra)
+
+
+def _names_generic_tokenizer(folder: Path) -> bool:
+    config_path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").exists() or not config_path.exists():
+        return False
+    return read_json(config_path).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
 
 
 def read_json(path: Path) -> dict[str, Any]:

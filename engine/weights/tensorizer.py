@@ -85,7 +85,9 @@ class TensorizerSource(WeightSource):
         if self._local_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="model-")
             location = S3Location.parse(self.uri)
-            self._client = s3_client(self.s3_endpoint)
+            # The early read's client where there is one: a second costs ~0.1 s of a cold start.
+            early = self.early_reader
+            self._client = early.client if early is not None else s3_client(self.s3_endpoint)
             download_files(self._client, location, list(SIDE_FILES), Path(self._tmp.name),
                            required=("config.json",))
             self._local_dir = Path(self._tmp.name)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.linear import PackedLinear, move_plain_weights_to_huge_pages, pack_linears
+from engine.layers.linear import (
+    PackedLinear,
+    move_plain_weights_to_huge_pages,
+    pack_and_move,
+    pack_linears,
+)
 from engine.weights.huge_pages import ALIGNMENT, move_to_huge_pages
 
 
@@ -45,7 +50,7 @@ def test_pack_linears_keeps_a_tied_head_tied_in_huge_pages():
         torch.testing.assert_close(model.lm_head(x), expected[1])
 
 
-def test_the_engine_moves_its_weights_in_the_background(tiny_model_dirs):
+def test_the_engine_packs_and_moves_its_weights_in_the_background(tiny_model_dirs):
     from engine import LLM, SamplingParams
 
     llm = LLM(tiny_model_dirs["qwen2"])  # a tied head
@@ -55,6 +60,8 @@ def test_the_engine_moves_its_weights_in_the_background(tiny_model_dirs):
     model = llm.engine.runner.model
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
     assert model.lm_head.weight.data_ptr() % ALIGNMENT == 0
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.packed_weight is not None for m in packed)
     assert llm.generate([[5, 6, 7]], params)[0].token_ids == before
 
 
@@ -70,10 +77,10 @@ def test_shutdown_waits_for_the_move(tiny_model_dirs, monkeypatch):
 
     def slow_move(model: nn.Module) -> None:
         time.sleep(0.5)
-        move_plain_weights_to_huge_pages(model)
+        pack_and_move(model)
         finished.set()
 
-    monkeypatch.setattr(model_runner, "move_plain_weights_to_huge_pages", slow_move)
+    monkeypatch.setattr(model_runner, "pack_and_move", slow_move)
     llm = LLM(tiny_model_dirs["llama"])
     llm.shutdown()
     assert finished.is_set()

@@ -1,0 +1,41 @@
+"""`PackedLinear` before its packing (plain `F.linear`, what serves while the background thread
+packs) and after it (oneDNN's packed weight) against `F.linear`, at the row counts of decoding
+and prefill, with and without int8 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.layers.linear import PackedLinear, can_pack
+from engine.layers.quantization import dequantize_int8, quantize_int8
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if can_pack(torch.device("cpu"), torch.bfloat16)
+                            else [])
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32), reason="no oneDNN")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("num_rows", [5, 33, 130])
+def test_before_and_after_packing_equal_f_linear(dtype, quantize, num_rows):
+    torch.manual_seed(num_rows)
+    weight, bias = torch.randn(96, 128, dtype=dtype), torch.randn(96, dtype=dtype)
+    x = torch.randn(num_rows, 128, dtype=dtype)
+    if quantize:
+        reference_weight = dequantize_int8(*quantize_int8(weight), dtype)
+    else:
+        reference_weight = weight
+    expected = F.linear(x.float(), reference_weight.float(), bias.float())
+    layer = PackedLinear(weight, bias, quantize)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    before = layer(x)
+    assert layer.packed_weight is None
+    torch.testing.assert_close(before.float(), expected, rtol=tolerance, atol=tolerance)
+    layer.pack()
+    assert layer.unpacked_weight is None and layer.packed_weight is not None
+    after = layer(x)
+    torch.testing.assert_close(after.float(), expected, rtol=tolerance, atol=tolerance)
+    layer.pack()  # a second call changes nothing
+    torch.testing.assert_close(layer(x), after, rtol=0, atol=0)
