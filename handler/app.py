@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine import EngineConfig
+from engine import EngineConfig, EngineProcessClient
 from handler import routes
 from handler.protocol import ApiError
 from handler.settings import ServerSettings
@@ -21,8 +21,10 @@ from handler.state import ServerState
 logger = logging.getLogger(__name__)
 
 
-def build_app(settings: ServerSettings, engine_config: EngineConfig) -> Starlette:
-    state = ServerState(settings, engine_config)
+def build_app(settings: ServerSettings, engine_config: EngineConfig,
+              loader: EngineProcessClient | None = None) -> Starlette:
+    """`loader`: the engine's process, already started by the entry."""
+    state = ServerState(settings, engine_config, loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

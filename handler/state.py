@@ -25,12 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 class ServerState:
-    def __init__(self, settings: ServerSettings, engine_config: EngineConfig):
+    def __init__(self, settings: ServerSettings, engine_config: EngineConfig,
+                 loader: EngineProcessClient | None = None):
         self.settings = settings
         # The engine's load and, in its own process, the engine itself (it then also serves as
         # the service's client); else loaded and stepped on threads of this process.
         self.loader: BackgroundLoader | EngineProcessClient
-        if settings.engine_process:
+        if loader is not None:
+            self.loader = loader
+        elif settings.engine_process:
             self.loader = EngineProcessClient(engine_config, settings.max_pending_requests,
                                               settings.log_level)
         else:

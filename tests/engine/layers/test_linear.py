@@ -23,10 +23,7 @@ def test_before_and_after_packing_equal_f_linear(dtype, quantize, num_rows):
     torch.manual_seed(num_rows)
     weight, bias = torch.randn(96, 128, dtype=dtype), torch.randn(96, dtype=dtype)
     x = torch.randn(num_rows, 128, dtype=dtype)
-    if quantize:
-        reference_weight = dequantize_int8(*quantize_int8(weight), dtype)
-    else:
-        reference_weight = weight
+    reference_weight = dequantize_int8(*quantize_int8(weight), dtype) if quantize else weight
     expected = F.linear(x.float(), reference_weight.float(), bias.float())
     layer = PackedLinear(weight, bias, quantize)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
