@@ -6,7 +6,9 @@ or failed (with the exception kept for the health check to report).
 
 from __future__ import annotations
 
+import atexit
 import enum
+import gc
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,10 @@ class BackgroundLoader:
 
     def _load(self) -> None:
         early_reader = None
+        # The load creates millions of objects (torch's and transformers' modules): with the
+        # collector on, its full passes over them cost 0.4-0.8 s of a cold start, all holding the
+        # GIL. What the load leaves is kept for good (frozen), so later passes skip it too.
+        gc.disable()
         try:
             # The S3 read starts first; torch and transformers are imported next, on this
             # thread, while the bytes arrive and the server answers.
@@ -76,6 +82,12 @@ class BackgroundLoader:
             self.state = LoadState.FAILED
             logger.error("model load failed: %s", e)
         finally:
+            gc.freeze()
+            gc.enable()
+            # Collectable again at exit: bindings that count their objects (nanobind's, in
+            # triton) report frozen ones as leaks.
+            atexit.unregister(gc.unfreeze)
+            atexit.register(gc.unfreeze)
             self._done.set()
 
     def status(self) -> dict[str, Any]:
