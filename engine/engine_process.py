@@ -6,7 +6,8 @@ loop takes it between the ~300 ops of a step while the step's OpenMP threads wai
 its interpreter; the server keeps only sockets and JSON.
 
 One duplex pipe, pickled messages `(kind, payload)`:
-  server -> engine: ("call", (call_id, method, args)) for tokenizing and chat templates,
+  server -> engine: ("load", None) to begin loading (the engine's modules import before it),
+                    ("call", (call_id, method, args)) for tokenizing and chat templates,
                     ("add", EngineRequest), ("abort", request_id), ("shutdown", None)
   engine -> server: ("status", the loader's status) while loading, then ("ready", EngineInfo) or
                     ("failed", status); ("result" | "refused" | "error", (call_id, ...));
@@ -17,6 +18,8 @@ The module imports nothing heavy: the server imports it to name the process's en
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
 import signal
 import threading
@@ -53,6 +56,8 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: str) -
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # Ctrl-C reaches the whole process group; the server decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not _wait_for_load(conn):
+        return
     channel = Channel(conn)
     engine = _load(config, channel)
     if engine is None:
@@ -61,6 +66,20 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: str) -
         EngineLoop(engine, conn, channel).run()
     finally:
         engine.shutdown()
+
+
+def _wait_for_load(conn: Connection) -> bool:
+    """Import the engine (torch: ~1.5 s) while the server waits to say "load" (at once, or on
+    its first request with `--load-on-first-request`); False if it never does."""
+    # Off until the load has ended (the loader turns it back on): see BackgroundLoader._load.
+    gc.disable()
+    threading.Thread(target=importlib.import_module, args=("engine.llm_engine",),
+                     name="engine-imports", daemon=True).start()
+    try:
+        kind, _ = conn.recv()
+    except (EOFError, OSError):
+        return False
+    return kind == "load"
 
 
 def _load(config: EngineConfig, channel: Channel) -> LLMEngine | None:

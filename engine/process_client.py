@@ -48,12 +48,32 @@ class EngineProcessClient(AsyncEngineClient):
 
     # -- the load, as BackgroundLoader tells it --------------------------------------------------
 
+    def spawn(self) -> None:
+        """Start the engine process, which imports the engine and waits for `start` (once; later
+        calls do nothing)."""
+        with self._lock:
+            if self._process is not None:
+                return
+            self._spawn()
+
     def start(self) -> None:
-        """Start the engine process (once; later calls do nothing)."""
+        """Load the model in the engine process, spawned first if it is not yet (once; later
+        calls do nothing)."""
         with self._lock:
             if self.state is not LoadState.IDLE:
                 return
             self.state = LoadState.LOADING
+            if self._process is None:
+                self._spawn()
+        try:
+            self._send("load", None)
+        except OSError as e:  # the process has gone; its reader has the exit code, or will
+            reason = str(self.error) if self.error is not None else f"the engine is gone ({e})"
+            self._status = {**self._status, "reason": reason}
+            self.state = LoadState.FAILED
+            self._done.set()
+
+    def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a process that has threads
         self._conn, child_conn = context.Pipe()
         # Not a daemon: a daemon may not start the tensor-parallel workers. It stops when told,

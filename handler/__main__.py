@@ -20,14 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loader = None
-    if settings.engine_process and not settings.load_on_first_request:
+    if settings.engine_process:
         # The engine's process first: its imports (torch, ~1.5 s) begin while this one still
-        # imports the web stack (~0.2 s).
+        # imports the web stack (~0.2 s). It loads the model at once, or waits, imported, for
+        # the first request to ask (`--load-on-first-request`).
         from engine import EngineProcessClient
 
         loader = EngineProcessClient(engine_config, settings.max_pending_requests,
                                      settings.log_level)
-        loader.start()
+        if settings.load_on_first_request:
+            loader.spawn()
+        else:
+            loader.start()
     from handler.app import build_app
     from handler.connections import raise_open_files_limit
     from handler.server import build_server

@@ -146,6 +146,60 @@ def test_the_engine_exits_when_the_server_is_killed(tiny_llama_dir):
         server.kill()
 
 
+def _start_lazy_server(model: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "handler", "--model", model, "--port", str(port),
+         "--host", "127.0.0.1", "--log-level", "warning", "--load-on-first-request"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(url, server)
+    return server, url
+
+
+def _engine_pid(server_pid: int) -> int:
+    engines: list[int] = []
+    _wait_for(lambda: engines.extend(
+        pid for pid in _children(server_pid) if b"spawn_main" in _cmdline(pid)) or engines)
+    return engines[0]
+
+
+def test_lazy_mode_starts_the_engine_process_and_loads_on_the_first_request(
+        tiny_llama_dir, expected_output):
+    """With `--load-on-first-request` the engine's process is there (importing the engine)
+    before any request, /ping is 200 with nothing loaded, and the first request loads it."""
+    server, url = _start_lazy_server(tiny_llama_dir)
+    try:
+        engine_pid = _engine_pid(server.pid)
+        ping = httpx.get(url + "/ping").json()
+        assert ping["status"] == "idle" and ping["total_bytes"] == 0
+        body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+        answer = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert answer.json()["choices"][0]["text"] == expected_output.text
+        assert httpx.get(url + "/ping").json()["status"] == "ready"
+        assert _is_alive(engine_pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        _wait_for(lambda: not _is_alive(engine_pid))
+    finally:
+        server.kill()
+
+
+def test_lazy_mode_with_its_idle_engine_killed_fails_ping_and_requests(tiny_llama_dir):
+    server, url = _start_lazy_server(tiny_llama_dir)
+    try:
+        os.kill(_engine_pid(server.pid), signal.SIGKILL)
+        _wait_for(lambda: httpx.get(url + "/ping").status_code == 500)
+        assert "exit code -9" in httpx.get(url + "/ping").json()["reason"]
+        answer = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                            timeout=60)
+        assert answer.status_code == 503
+        assert "exit code -9" in answer.json()["error"]["message"]
+    finally:
+        server.kill()
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
