@@ -58,7 +58,8 @@ class BackgroundLoader:
         early_reader = None
         # The load creates millions of objects (torch's and transformers' modules): with the
         # collector on, its full passes over them cost 0.4-0.8 s of a cold start, all holding the
-        # GIL. What the load leaves is kept for good (frozen), so later passes skip it too.
+        # GIL. What the imports made is kept for good (frozen: later passes skip it); what the
+        # load made after them is collected once at the end, then frozen too.
         gc.disable()
         try:
             # The S3 read starts first; torch and transformers are imported next, on this
@@ -67,6 +68,7 @@ class BackgroundLoader:
             early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint)
             from engine.llm_engine import LLMEngine
 
+            gc.freeze()
             self.engine = LLMEngine(self.config, self.progress, early_reader)
             self.info = self.engine.info()
             self.state = LoadState.READY
@@ -82,6 +84,10 @@ class BackgroundLoader:
             self.state = LoadState.FAILED
             logger.error("model load failed: %s", e)
         finally:
+            # tensorizer's per-tensor records hold every loaded tensor in reference cycles:
+            # frozen uncollected, the weights the model has since replaced (quantized, moved into
+            # huge pages) would stay resident for good (~0.7 GB for SmolLM2 in bf16+int8).
+            gc.collect()
             gc.freeze()
             gc.enable()
             # Collectable again at exit: bindings that count their objects (nanobind's, in
