@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: serve test test-container lint bench bench-serving bench-cold-start clean
+.PHONY: serve test test-container lint bench bench-serving bench-cold-start bench-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench-serving: $(DEFAULT_MODEL)/model.tensors
 # Cold starts from a loopback S3 server against the limit (import torch + the raw read).
 bench-cold-start: $(STAMP)
 	$(BIN)/python bench/cold_start.py $(ARGS)
+
+# Resident memory against the KV cache's size (and llama-server's, given LLAMA_SERVER).
+bench-memory: $(DEFAULT_MODEL)/model.tensors
+	$(BIN)/python bench/memory.py $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

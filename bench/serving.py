@@ -71,8 +71,10 @@ def wait_ready(url: str, process: subprocess.Popen, path: str = "/ping",
 
 
 @contextlib.contextmanager
-def running(name: str, cmd: list[str], path: str, env: dict | None = None) -> Iterator[str]:
-    """The server of `cmd` started on a free port, its output in the cache's `name`.log."""
+def running(name: str, cmd: list[str], path: str, env: dict | None = None,
+            pids: list[int] | None = None) -> Iterator[str]:
+    """The server of `cmd` started on a free port, its output in the cache's `name`.log; its pid
+    appended to `pids`, if given."""
     port = free_port()
     cmd = [part.replace("{port}", str(port)) for part in cmd]
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,8 @@ def running(name: str, cmd: list[str], path: str, env: dict | None = None) -> It
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
+    if pids is not None:
+        pids.append(process.pid)
     try:
         wait_ready(url, process, path)
         if "--compile-decode" in cmd:  # time the compiled step, not the eager one before it
@@ -188,9 +192,10 @@ def percentile(values: list[float], q: float) -> float:
 # -- the servers ------------------------------------------------------------------------------
 
 
-def ours(dtype: str, extra: list[str]) -> tuple[list[str], str, dict]:
+def ours(dtype: str, extra: list[str], threads: int | None = None) -> tuple[list[str], str, dict]:
     """`dtype` may name options too: "bfloat16+int8" is `--dtype bfloat16 --quantization int8`,
-    "float32+thread" is `--no-engine-process` (the engine on a thread of the server)."""
+    "float32+thread" is `--no-engine-process` (the engine on a thread of the server).
+    `threads`: the step's OpenMP threads (`OMP_NUM_THREADS`; default: one per core)."""
     model = Path(__file__).resolve().parents[1] / ".cache/models/smollm2"
     dtype, *options = dtype.split("+")
     for option in options:
@@ -200,7 +205,7 @@ def ours(dtype: str, extra: list[str]) -> tuple[list[str], str, dict]:
            "--port", "{port}", "--max-model-len", str(max(2048, PROMPT_TOKENS + NEW_TOKENS)),
            "--max-num-seqs", "64",
            "--dtype", dtype, "--log-level", "warning", *extra]
-    return cmd, "/ping", {}
+    return cmd, "/ping", {"OMP_NUM_THREADS": str(threads)} if threads else {}
 
 
 def gguf_of(llama_bin: Path, kind: str) -> Path:
@@ -252,7 +257,9 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=os.environ.get("LLAMA_SERVER"),
                         help="folder with llama-server and llama-quantize")
     parser.add_argument("--llama-types", nargs="+", default=["F32"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="compute threads of every server (llama-server -t, ours "
+                        "OMP_NUM_THREADS)")
     parser.add_argument("--requests-per-client", type=int, default=0,
                         help="requests each client sends one after another, per round "
                         "(default 2: a second wave arrives while the first decodes)")
@@ -267,8 +274,8 @@ def main() -> None:
     PROMPT_TOKENS = args.prompt_tokens
     print(f"# {time.strftime('%Y-%m-%d')}, {cpu_name()}")
     print(f"# prompts {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, streamed; "
-          f"medians of {args.rounds} rounds, servers taking turns")
-    servers = [(f"this server {d}", *ours(d, args.extra)) for d in args.dtype]
+          f"medians of {args.rounds} rounds, servers taking turns; {args.threads} threads")
+    servers = [(f"this server {d}", *ours(d, args.extra, args.threads)) for d in args.dtype]
     if args.llama_server:
         servers += [(f"llama-server {k}", *llama_server(args.llama_server, k, args.threads))
                     for k in args.llama_types]

@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.kernels import cpu_ops
 from engine.layers.quantization import dequantize_int8, quantize_int8
+from engine.malloc import release_free_memory
 from engine.weights.huge_pages import move_to_huge_pages
 
 # The row count oneDNN lays the weights out for. It is a hint, not a limit: any row count runs.
@@ -110,6 +111,7 @@ def pack_and_move(model: nn.Module) -> None:
         if isinstance(module, PackedLinear):
             module.pack()
     move_plain_weights_to_huge_pages(model)
+    release_free_memory()  # what the packing and the move replaced
 
 
 def move_plain_weights_to_huge_pages(model: nn.Module) -> None:
