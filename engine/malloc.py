@@ -10,9 +10,6 @@ elsewhere (another libc) it is not there and nothing happens.
 from __future__ import annotations
 
 import ctypes
-import logging
-
-logger = logging.getLogger(__name__)
 
 
 def release_free_memory() -> None:

@@ -159,10 +159,11 @@ def _start_lazy_server(model: str) -> tuple[subprocess.Popen, str]:
 
 
 def _engine_pid(server_pid: int) -> int:
-    engines: list[int] = []
-    _wait_for(lambda: engines.extend(
-        pid for pid in _children(server_pid) if b"spawn_main" in _cmdline(pid)) or engines)
-    return engines[0]
+    def engines() -> list[int]:
+        return [pid for pid in _children(server_pid) if b"spawn_main" in _cmdline(pid)]
+
+    _wait_for(engines)
+    return engines()[0]
 
 
 def test_lazy_mode_starts_the_engine_process_and_loads_on_the_first_request(
