@@ -11,15 +11,23 @@ from engine.kernels import cpu_ops, reference
 from engine.layers.rotary import apply_rotary
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (rtol, atol): one unit in the last place of the reduced precisions (a sum or exp in another
-# order may land across a rounding boundary), fp32's summation-order noise.
-TOLERANCE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-7, 1e-2),
-             torch.float16: (2**-10, 1e-3)}
+# (rtol, atol): two units in the last place of the reduced precisions (a sum or exp in another
+# order may land across a rounding boundary, and the residual's sum is rounded before the norm
+# reads it: one unit each), fp32's summation-order noise.
+TOLERANCE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-6, 1e-2),
+             torch.float16: (2**-9, 1e-3)}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cpu_kernels():
     assert cpu_ops.load(), "the C++ CPU kernels did not build (see the log)"
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """The same inputs whichever tests ran before (this file also runs in a child process per
+    instruction set, tests/engine/kernels/test_cpu_ops.py)."""
+    torch.manual_seed(0)
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
