@@ -202,6 +202,18 @@ class AsyncEngineClient:
         with contextlib.suppress(RuntimeError):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, each to its stream: one wake-up of each event loop for the whole
+        step, not one per output (each wake-up writes to the loop's self-pipe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody reads these
+                loop.call_soon_threadsafe(_put_all, items)
+
 
 class AsyncLLM(AsyncEngineClient):
     """The engine in this process, stepped on its own thread."""
@@ -262,8 +274,12 @@ class AsyncLLM(AsyncEngineClient):
                 if not self.engine.has_unfinished_requests():
                     self._inbox.wait(timeout=0.5)
                     continue
-                for output in self.engine.step():
-                    self._deliver(output.request_id, output)
+                self._deliver_step(self.engine.step())
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop; report it
             logger.exception("engine loop died")
             self._fail_all(e)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

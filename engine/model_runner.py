@@ -22,8 +22,8 @@ from engine.config import CacheConfig, ModelConfig
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.linear import (
-    MAX_SMALL_BATCH_ROWS,
     can_pack,
+    max_small_batch_rows,
     pack_and_move,
     pack_linears,
 )
@@ -115,6 +115,7 @@ class ModelRunner:
         # oneDNN's packing and the move into huge pages, if any
         self.weight_mover: threading.Thread | None = None
         self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
+        self.max_stack_rows = max_small_batch_rows(quantization == "int8")
         self.may_build_stack = True
         if can_pack(device, dtype):
             logger.info("CPU linears for oneDNN%s: %d",
@@ -169,11 +170,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.sample_indices]), prompt_logits
 
     def _decoder_stack(self, inputs: StepInputs) -> Any | None:
-        """The C++ decoder stack, for a step of 1-4 sequences decoding on the C++ kernels. Built
-        at the first such step once the weights are in their final place (the move into huge
-        pages swaps them) and the kernels are loaded (both happen in the background)."""
+        """The C++ decoder stack, for a step of sequences decoding, few enough for the C++
+        small-batch kernels (`max_small_batch_rows`). Built at the first such step once the
+        weights are in their final place (the move into huge pages swaps them) and the kernels
+        are loaded (both happen in the background)."""
         num_tokens = inputs.input_ids.shape[0]
-        if (num_tokens > MAX_SMALL_BATCH_ROWS or inputs.meta.num_decode_tokens != num_tokens
+        if (num_tokens > self.max_stack_rows or inputs.meta.num_decode_tokens != num_tokens
                 or self.backend.name != "cpu" or self.weight_mover is None):
             return None
         if self.may_build_stack and not self.weight_mover.is_alive():

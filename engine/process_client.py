@@ -176,8 +176,7 @@ class EngineProcessClient(AsyncEngineClient):
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "outputs":
             outputs, self._stats = payload
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_step(outputs)
         elif kind == "stats":
             self._stats = payload
         elif kind in ("result", "refused", "error"):

@@ -140,3 +140,32 @@ def int8_linear_reference(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def quantize_rows_int16(x: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, in] -> (int16 [rows, in], fp32 scale [rows, in / group]): each group of a row
+    rounded to int16 against its largest magnitude (x ~ q * scale), as the AVX2 int8 kernel
+    rounds its activations."""
+    num_rows, in_features = x.shape
+    groups = x.float().reshape(num_rows, -1, group)  # [rows, groups, group]
+    amax = groups.abs().amax(dim=2)
+    inverse = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    q = torch.round(groups * inverse[:, :, None]).to(torch.int16)
+    return q.reshape(num_rows, in_features), amax / 32767
+
+
+def int8_int16_linear_reference(
+    x: torch.Tensor,  # [rows, in], in groups of 32
+    qweight: torch.Tensor,  # int8 [out, in]
+    scale: torch.Tensor,  # fp32 [out, in / 32]
+    bias: torch.Tensor | None,  # [out], x's dtype
+) -> torch.Tensor:
+    """x rounded to int16 per group of 32 (`quantize_rows_int16`) times the dequantized
+    weights, in fp64, rounded once to x's dtype: what the AVX2 int8 kernel computes."""
+    q, x_scale = quantize_rows_int16(x)
+    x_rounded = q.double().reshape(*x_scale.shape, -1) * x_scale.double()[:, :, None]
+    weight = qweight.double().reshape(*scale.shape, -1) * scale.double()[:, :, None]
+    y = F.linear(x_rounded.reshape(x.shape), weight.reshape(qweight.shape))
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype)

@@ -28,8 +28,18 @@ from engine.weights.huge_pages import move_to_huge_pages
 # The row count oneDNN lays the weights out for. It is a hint, not a limit: any row count runs.
 # 32 measured as good as the exact count at 1 and 8 rows, and better at 32 and in prefill.
 PACK_ROWS_HINT = 32
-# Rows up to which the small-batch kernel beats oneDNN (measured at 1-4; its limit is 4).
-MAX_SMALL_BATCH_ROWS = 4
+# Rows up to which the small-batch kernels beat oneDNN, per instruction set and weight type
+# (`bench/linear_rows.py`). AVX-512 (Zen 4): measured at 1-4 rows, oneDNN above. AVX2 (Zen 3),
+# 2026-12-01, SmolLM2's linears, kernel / oneDNN ms: fp32 40 / 55 at 8 rows, 62 / 72 at 16,
+# 124 / 123 at 32; int8 19 / 55 at 8, 90 / 123 at 32, 139 / 163 at 64: oneDNN's fp32 GEMM
+# reads the weights at 8-10 GB/s there, where the kernels stream them at ~17.
+SMALL_BATCH_ROWS = {"AVX512": {"plain": 4, "int8": 4}, "AVX2": {"plain": 16, "int8": 64}}
+
+
+def max_small_batch_rows(quantized: bool) -> int:
+    """The most rows of x that the small-batch kernels take on this CPU; oneDNN above."""
+    rows = SMALL_BATCH_ROWS.get(cpu_ops.capability(), SMALL_BATCH_ROWS["AVX512"])
+    return rows["int8" if quantized else "plain"]
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -50,6 +60,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
         self.weight_scale = None  # fp32 [out, groups] when quantized
+        self.max_small_batch_rows = max_small_batch_rows(quantize)
         if quantize:
             qweight, self.weight_scale = quantize_int8(weight)
             weight, self.weight = dequantize_int8(qweight, self.weight_scale, weight.dtype), qweight
@@ -72,7 +83,7 @@ class PackedLinear(nn.Module):
             self.unpacked_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= MAX_SMALL_BATCH_ROWS and cpu_ops.is_loaded():
+        if x.shape[0] <= self.max_small_batch_rows and cpu_ops.is_loaded():
             if self.weight_scale is not None:
                 return torch.ops.llm_cpu.int8_small_batch_linear(
                     x, self.weight, self.weight_scale, self.bias)
