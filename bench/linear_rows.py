@@ -1,8 +1,9 @@
 """The C++ small-batch kernels against oneDNN's packed GEMM, per number of rows (run by hand).
 
 SmolLM2-135M's linear layers (30 x qkv / o / gate-up / down + the LM head), random weights, the
-step's 2 threads: milliseconds for all of them at each row count, fp32 weights and int8 ones
-(oneDNN gets their dequantized values, as `PackedLinear` gives it), median of 7 alternating runs.
+step's 2 threads: milliseconds for all of them at each row count, fp32 weights, int8 ones
+(oneDNN gets their dequantized values, as `PackedLinear` gives it) and int4 ones (the head int8),
+median of 7 alternating runs.
 `engine/layers/linear.py`'s `SMALL_BATCH_ROWS` takes the crossing points from here.
 
     .venv/bin/python bench/linear_rows.py [--rows 1 4 8 16 32 64]
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serving import cpu_name  # noqa: E402
 from engine.kernels import cpu_ops  # noqa: E402
 from engine.layers.linear import PACK_ROWS_HINT  # noqa: E402
-from engine.layers.quantization import dequantize_int8, quantize_int8  # noqa: E402
+from engine.layers.quantization import dequantize_int8, quantize_int4, quantize_int8  # noqa: E402
 
 HIDDEN, INTERMEDIATE, NUM_LAYERS, VOCAB = 576, 1536, 30, 49152
 SHAPES = [(960, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
@@ -50,19 +51,21 @@ def main() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(shape) * 0.02 for shape in SHAPES]
     quantized = [quantize_int8(w) for w in weights]
+    int4 = [quantize_int4(w) for w in weights[:-1]]  # the head stays int8, as the engine keeps it
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in weights]
     packed_int8 = [torch.ops.mkldnn._reorder_linear_weight(dequantize_int8(q, s, torch.float32),
                                                            PACK_ROWS_HINT) for q, s in quantized]
     print(f"# {cpu_name()}, {torch.get_num_threads()} threads; ms for SmolLM2's linears")
-    print("| rows | fp32 kernel | fp32 oneDNN | int8 kernel | int8 (dequantized) oneDNN |")
-    print("|---|---|---|---|---|")
+    print("| rows | fp32 kernel | fp32 oneDNN | int8 kernel | int8 (dequantized) oneDNN "
+          "| int4 kernel (int8 head) |")
+    print("|---|---|---|---|---|---|")
     for num_rows in args.rows:
-        ms = median_ms(runs(num_rows, weights, quantized, packed, packed_int8))
+        ms = median_ms(runs(num_rows, weights, quantized, packed, packed_int8, int4))
         print(f"| {num_rows} | " + " | ".join(f"{v:.1f}" for v in ms.values()) + " |", flush=True)
 
 
-def runs(num_rows: int, weights: list, quantized: list, packed: list, packed_int8: list
-         ) -> dict[str, Callable[[], object]]:
+def runs(num_rows: int, weights: list, quantized: list, packed: list, packed_int8: list,
+         int4: list) -> dict[str, Callable[[], object]]:
     x = {k: torch.randn(num_rows, k) for k in (HIDDEN, INTERMEDIATE)}
 
     def onednn(packed_weights: list[torch.Tensor]) -> Callable[[], object]:
@@ -76,7 +79,15 @@ def runs(num_rows: int, weights: list, quantized: list, packed: list, packed_int
         "int8 kernel": lambda: [torch.ops.llm_cpu.int8_small_batch_linear(x[q.shape[1]], q, s, None)
                                 for q, s in quantized],
         "int8 oneDNN": onednn(packed_int8),
+        "int4 kernel": lambda: [torch.ops.llm_cpu.int4_small_batch_linear(x[2 * p.shape[1]], p, s,
+                                                                          None)
+                                for p, s in int4] + [quantized_head(num_rows, x, quantized)],
     }
+
+
+def quantized_head(num_rows: int, x: dict, quantized: list) -> torch.Tensor:
+    q, s = quantized[-1]
+    return torch.ops.llm_cpu.int8_small_batch_linear(x[q.shape[1]], q, s, None)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("torch", "triton", "cpu")
-QUANTIZATIONS = ("int8",)  # weight-only, CPU
+QUANTIZATIONS = ("int8", "int4")  # weight-only, CPU
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -40,7 +40,7 @@ class EngineConfig:
     # CPU: build a compiled one-sequence decode step in the background (engine/compiled_decode.py)
     compile_decode: bool = False
     # Ranks the model is split across (engine/distributed/): worker processes on this host.
-    # CPU: "int8" streams int8 weights (one scale per row) at a few rows (layers/quantization.py)
+    # CPU: "int8" or "int4" weights for the small-batch kernels (layers/quantization.py)
     quantization: str | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": processes on this host; "ray": a cluster

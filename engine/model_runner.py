@@ -115,7 +115,7 @@ class ModelRunner:
         # oneDNN's packing and the move into huge pages, if any
         self.weight_mover: threading.Thread | None = None
         self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
-        self.max_stack_rows = max_small_batch_rows(quantization == "int8")
+        self.max_stack_rows = max_small_batch_rows(quantization)
         self.may_build_stack = True
         if can_pack(device, dtype):
             logger.info("CPU linears for oneDNN%s: %d",

@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile-decode", action=argparse.BooleanOptionalAction, default=False,
         help="CPU: compile the one-sequence decode step in the background (~50 s of CPU, a C++ "
         "compiler and a second copy of the weights; 1.4x at one sequence) and swap it in")
-    add("--quantization", default=None, choices=["int8"],
-        help="CPU: int8 weights (one scale per row) for one to four sequences, where a step "
-        "streams every weight: half bf16's bytes; larger batches use their dequantized values")
+    add("--quantization", default=None, choices=["int8", "int4"],
+        help="CPU: weights read as int8 (per group of 32, llama.cpp's Q8_0) or int4 (Q4_1; the "
+        "output head int8) by the small-batch kernels, where a step streams every weight: a "
+        "quarter or a sixth of fp32's bytes; oneDNN's larger batches use their dequantized values")
     add("--tensor-parallel-size", type=int, default=1,
         help="split the model across this many ranks (worker processes on this host; gloo on "
         "the CPU, NCCL on GPUs)")

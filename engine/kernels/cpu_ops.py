@@ -24,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "cpu").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 COMMON_FLAGS = ("-O3", "-ffast-math", "-fopenmp")
 # ATen's vector types (at::vec::Vectorized) pick their width from the CPU_CAPABILITY macros.
 CAPABILITY_FLAGS = {
@@ -44,7 +45,7 @@ def capability() -> str:
 
 def library_name(cap: str) -> str:
     digest = hashlib.sha256(torch.__version__.encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     digest.update(" ".join(COMMON_FLAGS + CAPABILITY_FLAGS[cap]).encode())
     return f"llm_cpu_{cap.lower()}_{digest.hexdigest()[:12]}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.layers.quantization import dequantize_int8
+from engine.layers.quantization import dequantize_int4, dequantize_int8
 
 
 def store_kv_reference(
@@ -162,10 +162,26 @@ def int8_int16_linear_reference(
 ) -> torch.Tensor:
     """x rounded to int16 per group of 32 (`quantize_rows_int16`) times the dequantized
     weights, in fp64, rounded once to x's dtype: what the AVX2 int8 kernel computes."""
+    return _int16_x_linear_reference(x, dequantize_int8(qweight, scale, torch.float64), bias)
+
+
+def int4_linear_reference(
+    x: torch.Tensor,  # [rows, in], in groups of 32
+    packed: torch.Tensor,  # uint8 [out, in / 2]
+    step_min: torch.Tensor,  # fp16 [2, out, in / 32]
+    bias: torch.Tensor | None,  # [out], x's dtype
+) -> torch.Tensor:
+    """x rounded to int16 per group of 32 (`quantize_rows_int16`) times the dequantized int4
+    weights, in fp64, rounded once to x's dtype: what the int4 kernel computes."""
+    return _int16_x_linear_reference(x, dequantize_int4(packed, step_min, torch.float64), bias)
+
+
+def _int16_x_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     q, x_scale = quantize_rows_int16(x)
     x_rounded = q.double().reshape(*x_scale.shape, -1) * x_scale.double()[:, :, None]
-    weight = qweight.double().reshape(*scale.shape, -1) * scale.double()[:, :, None]
-    y = F.linear(x_rounded.reshape(x.shape), weight.reshape(qweight.shape))
+    y = F.linear(x_rounded.reshape(x.shape), weight)
     if bias is not None:
         y = y + bias.double()
     return y.to(x.dtype)

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu_ops
-from engine.layers.quantization import dequantize_int8, quantize_int8
+from engine.layers.quantization import (
+    GROUP_SIZE,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
 from engine.malloc import release_free_memory
 from engine.weights.huge_pages import move_to_huge_pages
 
@@ -32,14 +38,19 @@ PACK_ROWS_HINT = 32
 # (`bench/linear_rows.py`). AVX-512 (Zen 4): measured at 1-4 rows, oneDNN above. AVX2 (Zen 3),
 # 2026-12-01, SmolLM2's linears, kernel / oneDNN ms: fp32 40 / 55 at 8 rows, 62 / 72 at 16,
 # 124 / 123 at 32; int8 19 / 55 at 8, 90 / 123 at 32, 139 / 163 at 64: oneDNN's fp32 GEMM
-# reads the weights at 8-10 GB/s there, where the kernels stream them at ~17.
-SMALL_BATCH_ROWS = {"AVX512": {"plain": 4, "int8": 4}, "AVX2": {"plain": 16, "int8": 64}}
+# reads the weights at 8-10 GB/s there, where the kernels stream them at ~17. int4 (AVX2, same
+# day): 126.7 / 125.6 at 32 rows, 233 / 217 at 64; AVX-512 not measured yet: int8's figure.
+SMALL_BATCH_ROWS = {
+    "AVX512": {"plain": 4, "int8": 4, "int4": 4},
+    "AVX2": {"plain": 16, "int8": 64, "int4": 32},
+}
 
 
-def max_small_batch_rows(quantized: bool) -> int:
-    """The most rows of x that the small-batch kernels take on this CPU; oneDNN above."""
+def max_small_batch_rows(quantization: str | None) -> int:
+    """The most rows of x that the small-batch kernels take on this CPU for weights quantized
+    so ("int8", "int4", None: plain); oneDNN above."""
     rows = SMALL_BATCH_ROWS.get(cpu_ops.capability(), SMALL_BATCH_ROWS["AVX512"])
-    return rows["int8" if quantized else "plain"]
+    return rows[quantization or "plain"]
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -52,16 +63,24 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 class PackedLinear(nn.Module):
     """`F.linear(x, weight, bias)` for 2-D `x`: oneDNN's packed weight, or the plain one through
-    the small-batch kernel at a few rows. `quantize`: the small-batch kernel reads int8 weights
-    (engine/layers/quantization.py) and oneDNN their dequantized values."""
+    the small-batch kernel at a few rows. `quantization` "int8" or "int4": the small-batch kernel
+    reads quantized weights (engine/layers/quantization.py) and oneDNN their dequantized values
+    (int4 falls back to int8 for rows not in whole groups of 32)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quantize: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 quantization: str | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
-        self.weight_scale = None  # fp32 [out, groups] when quantized
-        self.max_small_batch_rows = max_small_batch_rows(quantize)
-        if quantize:
+        # int8: fp32 [out, groups]; int4: fp16 [2, out, groups], the steps then the minimums
+        self.weight_scale = None
+        if quantization == "int4" and self.in_features % GROUP_SIZE != 0:
+            quantization = "int8"  # int4 takes whole groups of 32 only
+        self.max_small_batch_rows = max_small_batch_rows(quantization)
+        if quantization == "int4":
+            packed, self.weight_scale = quantize_int4(weight)
+            weight, self.weight = dequantize_int4(packed, self.weight_scale, weight.dtype), packed
+        elif quantization is not None:
             qweight, self.weight_scale = quantize_int8(weight)
             weight, self.weight = dequantize_int8(qweight, self.weight_scale, weight.dtype), qweight
         else:
@@ -84,6 +103,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.max_small_batch_rows and cpu_ops.is_loaded():
+            if self.weight.dtype == torch.uint8:
+                return torch.ops.llm_cpu.int4_small_batch_linear(
+                    x, self.weight, self.weight_scale, self.bias)
             if self.weight_scale is not None:
                 return torch.ops.llm_cpu.int8_small_batch_linear(
                     x, self.weight, self.weight_scale, self.bias)
@@ -94,23 +116,29 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        int8 = ", int8" if self.weight_scale is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed{int8}"
+        quantized = ""
+        if self.weight_scale is not None:
+            quantized = ", int4" if self.weight.dtype == torch.uint8 else ", int8"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, packed{quantized}"
 
 
 def pack_linears(model: nn.Module, quantization: str | None = None) -> int:
-    """Replace every `nn.Linear` of `model` by a `PackedLinear` (int8 for the small-batch kernel
-    when `quantization` is "int8"), to be packed by `pack_and_move`; return how many. A tied
-    output head gets its own packed copy of the embedding."""
-    quantize = quantization == "int8"
+    """Replace every `nn.Linear` of `model` by a `PackedLinear` (quantized for the small-batch
+    kernel when `quantization` says so), to be packed by `pack_and_move`; return how many. A tied
+    output head gets its own packed copy of the embedding. With int4 the output head is int8, as
+    llama.cpp's 4-bit files keep it (the embedded SmolLM2's is Q8_0): the logits are where 4 bits
+    cost the most."""
+    head_quantization = "int8" if quantization == "int4" else quantization
     num_packed = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias, quantize))
+                layer_quantization = head_quantization if name == "lm_head" else quantization
+                setattr(module, name, PackedLinear(child.weight, child.bias, layer_quantization))
                 num_packed += 1
     if getattr(model, "lm_head", False) is None:  # tied to the embedding
-        model.lm_head = PackedLinear(model.embed_tokens.weight, None, quantize)
+        model.lm_head = PackedLinear(model.embed_tokens.weight, None, head_quantization)
         num_packed += 1
     return num_packed
 

@@ -23,7 +23,7 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// A linear layer as the small-batch kernels take it: plain, or int8 with a scale per group.
+// A linear layer as the small-batch kernels take it: plain, or int8 or int4 with scales per group.
 struct Linear {
   at::Tensor weight;
   OptionalTensor scale;
@@ -35,7 +35,12 @@ struct Linear {
             "llm_cpu::small_batch_linear");
     static const auto int8 = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const OptionalTensor&)>("llm_cpu::int8_small_batch_linear");
-    return scale.has_value() ? int8.call(x, weight, *scale, bias) : plain.call(x, weight, bias);
+    static const auto int4 = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const OptionalTensor&)>("llm_cpu::int4_small_batch_linear");
+    if (!scale.has_value()) return plain.call(x, weight, bias);
+    // int4: two weights a byte (uint8), its scale the steps and minimums; int8: one scale
+    return weight.scalar_type() == at::kByte ? int4.call(x, weight, *scale, bias)
+                                             : int8.call(x, weight, *scale, bias);
   }
 };
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.kernels import cpu_ops, reference
-from engine.layers.quantization import quantize_int8
+from engine.layers.quantization import quantize_int4, quantize_int8
 from tests.engine.kernels.test_kernels import (
     DTYPES,
     NUM_KV_HEADS,
@@ -190,6 +190,40 @@ def test_int8_small_batch_linear_refuses_bad_arguments():
     with pytest.raises(RuntimeError, match="groups dividing the row"):
         torch.ops.llm_cpu.int8_small_batch_linear(torch.randn(1, 8), qweight,
                                                   torch.ones(3, 3), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+# 32: one group; 576 (SmolLM2's hidden size): 18 groups, the minimums' vector loop and a tail
+@pytest.mark.parametrize("in_features", [32, 576])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int4_small_batch_linear_matches_reference(dtype, rows, in_features, with_bias):
+    torch.manual_seed(rows * 1000 + in_features)
+    packed, step_min = quantize_int4(torch.randn(37, in_features) / in_features**0.5 + 0.01)
+    bias = torch.randn(37).to(dtype) if with_bias else None
+    x = torch.randn(rows, in_features).to(dtype)
+    if rows:
+        x[0, 3] = 40.0  # an outlier: its group's other values get fewer int16 steps
+    actual = torch.ops.llm_cpu.int4_small_batch_linear(x, packed, step_min, bias)
+    assert actual.dtype == dtype and actual.shape == (rows, 37)
+    if rows:
+        expected = reference.int4_linear_reference(x, packed, step_min, bias)
+        assert _rel_error(actual, expected) < TOLERANCE[dtype]
+
+
+def test_int4_small_batch_linear_refuses_bad_arguments():
+    packed, step_min = quantize_int4(torch.randn(3, 64))
+    with pytest.raises(RuntimeError, match="a multiple of 32"):
+        torch.ops.llm_cpu.int4_small_batch_linear(torch.randn(1, 32), packed, step_min, None)
+    with pytest.raises(RuntimeError, match="contiguous uint8"):
+        torch.ops.llm_cpu.int4_small_batch_linear(torch.randn(1, 64), packed.to(torch.int8),
+                                                  step_min, None)
+    with pytest.raises(RuntimeError, match="step_min"):
+        torch.ops.llm_cpu.int4_small_batch_linear(torch.randn(1, 64), packed, step_min.float(),
+                                                  None)
+    with pytest.raises(RuntimeError, match="step_min"):
+        torch.ops.llm_cpu.int4_small_batch_linear(torch.randn(1, 64), packed, step_min[:, :2],
+                                                  None)
 
 
 @pytest.mark.parametrize("capability", ["avx2", "default"])

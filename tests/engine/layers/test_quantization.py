@@ -1,6 +1,7 @@
-"""int8 weights: the rounding is as small as one scale allows, and the engine with int8 weights
-gives transformers' greedy tokens for the same model with those weights dequantized, through
-the int8 kernel (one to four sequences) and oneDNN (prefill, larger batches) alike."""
+"""int8 and int4 weights: the rounding is as small as the scales allow (int4 gives a Q4_1 file's
+weights back exactly), and the engine with quantized weights gives transformers' greedy tokens
+for the same model with those weights dequantized, through the small-batch kernels (a few
+sequences) and oneDNN (prefill, larger batches) alike."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.layers.linear import PackedLinear
-from engine.layers.quantization import dequantize_int8, quantize_int8
+from engine.layers.quantization import (
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
 from tests.tiny_models import hf_model_greedy, random_prompts
 
 
@@ -30,9 +36,47 @@ def test_quantize_int8_rounds_each_group_to_its_own_scale(in_features, num_group
     assert (dequantize_int8(qweight, scale, torch.float32)[5] == 0).all()
 
 
-def _hf_with_int8_weights(folder: str):
+def test_quantize_int4_rounds_each_group_between_its_minimum_and_maximum():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128) * torch.logspace(-3, 1, 128)
+    weight[5] = 0.5  # a constant group: a zero step must not divide by zero
+    packed, step_min = quantize_int4(weight)
+    assert packed.dtype == torch.uint8 and packed.shape == (64, 64)
+    assert step_min.dtype == torch.float16 and step_min.shape == (2, 64, 4)
+    dequantized = dequantize_int4(packed, step_min, torch.float32)
+    step = step_min[0].float().repeat_interleave(32, dim=1)
+    # half a step, plus fp16's rounding of the minimum and the step (15 of them at most)
+    bound = step / 2 + 16 * weight.abs().amax() * 2**-11 * torch.logspace(-3, 1, 128) / 10
+    assert ((dequantized - weight).abs() <= bound + 1e-3).all()
+    assert (dequantized[5] == 0.5).all()
+    # the nibbles: weight j of a group low in byte j, weight j + 16 high
+    q = torch.arange(32, dtype=torch.uint8) % 16
+    packed_row, _ = quantize_int4(q.float()[None, :])
+    assert packed_row[0].tolist() == [int(q[j]) | int(q[j + 16]) << 4 for j in range(16)]
+
+
+def test_int4_gives_a_q4_1_files_weights_back_exactly():
+    """The embedded SmolLM2's layers are Q4_1: quantizing their dequantized values again gives
+    the file's nibbles, steps and minimums, so `--quantization int4` serves the file's weights."""
+    gguf = pytest.importorskip("gguf")
+    from engine.weights.loader import default_model_path
+
+    reader = gguf.GGUFReader(str(default_model_path()))
+    tensors = [t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1][:7]
+    assert len(tensors) == 7
+    for tensor in tensors:
+        blocks = torch.from_numpy(tensor.data.copy()).reshape(-1, 20)  # d, m (fp16), 16 bytes
+        num_rows = int(tensor.shape[1])
+        dequantized = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type))
+        packed, step_min = quantize_int4(dequantized.reshape(num_rows, -1))
+        assert torch.equal(packed.reshape(-1, 16), blocks[:, 4:])
+        file_step_min = blocks[:, :4].contiguous().view(torch.float16)  # [blocks, 2]
+        assert torch.equal(step_min.reshape(2, -1).T, file_step_min)
+
+
+def _hf_with_quantized_weights(folder: str, quantization: str):
     """transformers' model with every linear (the head untied from the embedding, as the engine
-    keeps the embedding exact) replaced by its int8 rounding."""
+    keeps the embedding exact) replaced by its rounding: int8, or int4 with an int8 head."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -40,31 +84,41 @@ def _hf_with_int8_weights(folder: str):
     head.weight = torch.nn.Parameter(model.get_output_embeddings().weight.detach().clone())
     model.lm_head = head
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(dequantize_int8(*quantize_int8(module.weight), torch.float32))
+                if quantization == "int4" and name != "lm_head":
+                    rounded = dequantize_int4(*quantize_int4(module.weight), torch.float32)
+                else:
+                    rounded = dequantize_int8(*quantize_int8(module.weight), torch.float32)
+                module.weight.copy_(rounded)
     return model
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: a tied head and q/k/v biases
-def test_int8_engine_matches_transformers_with_the_same_weights(tiny_model_dirs, kind):
+def test_quantized_engine_matches_transformers_with_the_same_weights(
+    tiny_model_dirs, kind, quantization
+):
     folder = tiny_model_dirs[kind]
     prompts = random_prompts(6, 1, 60, seed=3)
-    # 3 sequences at a time: the int8 kernel decodes; prefill chunks of 24 go through oneDNN
-    llm = LLM(folder, quantization="int8", max_num_seqs=3, max_num_batched_tokens=24,
+    # 3 sequences at a time: the small-batch kernel decodes; prefill chunks of 24 go through
+    # oneDNN where the kernels stop at fewer rows (AVX-512)
+    llm = LLM(folder, quantization=quantization, max_num_seqs=3, max_num_batched_tokens=24,
               enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     actual = [o.token_ids for o in llm.generate(prompts, params)]
-    reference = _hf_with_int8_weights(folder)
+    reference = _hf_with_quantized_weights(folder, quantization)
     assert actual == [hf_model_greedy(reference, p, 10) for p in prompts]
-    # every linear, the head included, holds int8 weights for the kernel
+    # every linear holds quantized weights for the kernel; the head int8 either way
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 2 * 4 + 1  # 2 layers of qkv, o, gate_up and down; the head
-    assert all(m.weight.dtype == torch.int8 and m.weight_scale is not None for m in linears)
+    layer_dtype = torch.uint8 if quantization == "int4" else torch.int8
+    assert [m.weight.dtype for m in linears] == [layer_dtype] * 8 + [torch.int8]
+    assert all(m.weight_scale is not None for m in linears)
 
 
 def test_quantization_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="quantization must be one of"):
-        LLM("", quantization="int4")
+        LLM("", quantization="int2")
     with pytest.raises(ValueError, match="not with quantization"):
         LLM("", quantization="int8", compile_decode=True)

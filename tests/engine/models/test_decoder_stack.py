@@ -35,6 +35,7 @@ NATIVE_BF16 = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat1
     ("llama", "float32", None), ("qwen2", "float32", None),
     pytest.param("llama", "bfloat16", None, marks=NATIVE_BF16),
     ("qwen2", "float32", "int8"), pytest.param("llama", "bfloat16", "int8", marks=NATIVE_BF16),
+    ("qwen2", "float32", "int4"),  # int4 layers, an int8 head
 ])
 @pytest.mark.parametrize("num_prompts", [1, 3, 6])
 def test_stack_equals_the_python_layers(tiny_model_dirs, kind, dtype, quantization,
