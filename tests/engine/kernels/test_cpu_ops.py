@@ -144,6 +144,16 @@ def _rounds_activations_to_int16(in_features: int) -> bool:
     return cpu_ops.capability() == "AVX2" and in_features % 32 == 0
 
 
+def _quantized_linear_inputs(rows: int, in_features: int, dtype: torch.dtype, with_bias: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [rows, in_features] and a bias [37] or None, for a layer of 37 outputs."""
+    bias = torch.randn(37).to(dtype) if with_bias else None
+    x = torch.randn(rows, in_features).to(dtype)
+    if rows:
+        x[0, 3] = 40.0  # an outlier: its group's other values get fewer int16 steps
+    return x, bias
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 # groups of 32 (64, 576), and one group of 40: not a multiple of the vector, the scalar loop
@@ -152,10 +162,7 @@ def _rounds_activations_to_int16(in_features: int) -> bool:
 def test_int8_small_batch_linear_matches_reference(dtype, rows, in_features, with_bias):
     torch.manual_seed(rows * 1000 + in_features)
     qweight, scale = quantize_int8(torch.randn(37, in_features) / in_features**0.5)
-    bias = torch.randn(37).to(dtype) if with_bias else None
-    x = torch.randn(rows, in_features).to(dtype)
-    if rows:
-        x[0, 3] = 40.0  # an outlier: its group's other values get fewer int16 steps
+    x, bias = _quantized_linear_inputs(rows, in_features, dtype, with_bias)
     actual = torch.ops.llm_cpu.int8_small_batch_linear(x, qweight, scale, bias)
     assert actual.dtype == dtype and actual.shape == (rows, 37)
     if not rows:
@@ -194,16 +201,14 @@ def test_int8_small_batch_linear_refuses_bad_arguments():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
-# 32: one group; 576 (SmolLM2's hidden size): 18 groups, the minimums' vector loop and a tail
-@pytest.mark.parametrize("in_features", [32, 576])
+# 32: one group; 96: a pair of groups and one more; 576 (SmolLM2's hidden size): 18 groups, the
+# minimums' loop over 8 groups at a time and a tail
+@pytest.mark.parametrize("in_features", [32, 96, 576])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int4_small_batch_linear_matches_reference(dtype, rows, in_features, with_bias):
     torch.manual_seed(rows * 1000 + in_features)
     packed, step_min = quantize_int4(torch.randn(37, in_features) / in_features**0.5 + 0.01)
-    bias = torch.randn(37).to(dtype) if with_bias else None
-    x = torch.randn(rows, in_features).to(dtype)
-    if rows:
-        x[0, 3] = 40.0  # an outlier: its group's other values get fewer int16 steps
+    x, bias = _quantized_linear_inputs(rows, in_features, dtype, with_bias)
     actual = torch.ops.llm_cpu.int4_small_batch_linear(x, packed, step_min, bias)
     assert actual.dtype == dtype and actual.shape == (rows, 37)
     if rows:
