@@ -76,6 +76,7 @@ class PackedLinear(nn.Module):
         self.weight_scale = None
         if quantization == "int4" and self.in_features % GROUP_SIZE != 0:
             quantization = "int8"  # int4 takes whole groups of 32 only
+        self.quantization = quantization
         self.max_small_batch_rows = max_small_batch_rows(quantization)
         if quantization == "int4":
             packed, self.weight_scale = quantize_int4(weight)
@@ -103,10 +104,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.max_small_batch_rows and cpu_ops.is_loaded():
-            if self.weight.dtype == torch.uint8:
+            if self.quantization == "int4":
                 return torch.ops.llm_cpu.int4_small_batch_linear(
                     x, self.weight, self.weight_scale, self.bias)
-            if self.weight_scale is not None:
+            if self.quantization == "int8":
                 return torch.ops.llm_cpu.int8_small_batch_linear(
                     x, self.weight, self.weight_scale, self.bias)
             return torch.ops.llm_cpu.small_batch_linear(x, self.weight, self.bias)
@@ -116,9 +117,7 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        quantized = ""
-        if self.weight_scale is not None:
-            quantized = ", int4" if self.weight.dtype == torch.uint8 else ", int8"
+        quantized = f", {self.quantization}" if self.quantization else ""
         shape = f"in_features={self.in_features}, out_features={self.out_features}"
         return f"{shape}, packed{quantized}"
 

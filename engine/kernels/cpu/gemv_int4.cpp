@@ -39,12 +39,6 @@ void int4_gemv_rows_scalar(const int16_t* xq, const float* x_scale, const float*
 }
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-__attribute__((target("avx2,fma"))) inline float reduce(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
-}
-
 // One group of 32 int4 weights against M rows of int16 x, into acc. The 16 bytes widened to 16
 // int16 hold weights j (bits 0-3) and j + 16 (bits 4-7): an and and a shift give both halves,
 // then two vpmaddwd per row of x and one FMA by d times x's scale.
@@ -68,7 +62,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void int4_group(
 
 // The minimums' part of one weight row for M rows of x, sum_g m_g sum(x_g) (fp16 mins
 // [groups]). Up to 2 rows: per row, a dot over the groups, 8 at a time; more rows: 8 rows at once
-// per group from x_sum_t [groups, 8] (x's group sums transposed, zeros past M).
+// per group from x_sum_t [groups, 8] (the chunk's group sums transposed, zeros past M).
 template <int M>
 __attribute__((target("avx2,fma,f16c"))) void min_part(const uint16_t* mins, const float* x_sum,
                                                        const float* x_sum_t, int64_t num_groups,
@@ -82,7 +76,7 @@ __attribute__((target("avx2,fma,f16c"))) void min_part(const uint16_t* mins, con
         const __m128i mins8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g));
         total = _mm256_fmadd_ps(_mm256_cvtph_ps(mins8), _mm256_loadu_ps(sums + g), total);
       }
-      part[m] = reduce(total);
+      part[m] = reduce_add(total);
       for (; g < num_groups; ++g) part[m] += _cvtsh_ss(mins[g]) * sums[g];
     }
   } else {
@@ -101,14 +95,11 @@ __attribute__((target("avx2,fma,f16c"))) void min_part(const uint16_t* mins, con
 // enough, and 16 registers would not hold two sets.
 template <typename T, int M>
 __attribute__((target("avx2,fma,f16c"))) void int4_gemv_rows(
-    const int16_t* xq, const float* x_scale, const float* x_sum, const uint8_t* packed,
-    const c10::Half* step, const c10::Half* minimum, const T* bias, int64_t k_size,
+    const int16_t* xq, const float* x_scale, const float* x_sum, const float* x_sum_t,
+    const uint8_t* packed, const c10::Half* step, const c10::Half* minimum, const T* bias, int64_t k_size,
     int64_t n_begin, int64_t n_end, T* out, int64_t out_stride) {
-  static_assert(M <= 8, "x_sum_t holds 8 rows");
+  static_assert(M <= kMaxRows && kMaxRows == 8, "x_sum_t: a vector of 8 rows per group");
   const int64_t num_groups = k_size / kGroup;
-  std::vector<float> x_sum_t(M > 2 ? 8 * num_groups : 0, 0.f);
-  for (int m = 0; m < M && M > 2; ++m)
-    for (int64_t g = 0; g < num_groups; ++g) x_sum_t[8 * g + m] = x_sum[m * num_groups + g];
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* w = packed + n * num_groups * (kGroup / 2);
     const auto* d = reinterpret_cast<const uint16_t*>(step) + n * num_groups;
@@ -123,25 +114,18 @@ __attribute__((target("avx2,fma,f16c"))) void int4_gemv_rows(
     }
     for (; g < num_groups; ++g) int4_group<M>(w, d, xq, x_scale, k_size, num_groups, g, acc);
     float part[M];
-    min_part<M>(reinterpret_cast<const uint16_t*>(minimum) + n * num_groups, x_sum,
-                x_sum_t.data(), num_groups, part);
+    min_part<M>(reinterpret_cast<const uint16_t*>(minimum) + n * num_groups, x_sum, x_sum_t,
+                num_groups, part);
     // Reduced with every index a constant: an array indexed at run time would live in memory,
     // and the loop above would store every sum each group (measured 1.7x slower at 8 rows).
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const float sum = reduce(_mm256_add_ps(acc[m], acc2[m])) + part[m];
+      const float sum = reduce_add(_mm256_add_ps(acc[m], acc2[m])) + part[m];
       out[m * out_stride + n] = static_cast<T>(bias ? sum + static_cast<float>(bias[n]) : sum);
     }
   }
 }
 
-bool has_avx2() {
-  static const bool found = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("f16c");
-  return found;
-}
-#else
-bool has_avx2() { return false; }
 #endif
 
 template <typename T>
@@ -151,20 +135,25 @@ void int4_gemv(const T* x, int64_t num_rows, const uint8_t* packed, const c10::H
   std::vector<int16_t> xq(num_rows * k_size);  // read from cache by every weight row
   std::vector<float> x_scale(num_rows * num_groups), x_sum(num_rows * num_groups);
   quantize_rows_int16(x, num_rows, k_size, xq.data(), x_scale.data(), x_sum.data());
-  [[maybe_unused]] const bool vectorized = has_avx2();
+  // The group sums again per chunk of kMaxRows rows, [groups, kMaxRows] (zeros past the last
+  // row): the minimums' part of a chunk of more than 2 rows reads a group's sums side by side.
+  const int64_t num_chunks = (num_rows + kMaxRows - 1) / kMaxRows;
+  std::vector<float> x_sum_t(num_chunks * num_groups * kMaxRows, 0.f);
+  for (int64_t r = 0; r < num_rows; ++r)
+    for (int64_t g = 0; g < num_groups; ++g)
+      x_sum_t[(r / kMaxRows * num_groups + g) * kMaxRows + r % kMaxRows] = x_sum[r * num_groups + g];
   parallel_tiles(num_rows, n_size, [&](auto rows, int64_t m0, int64_t n0, int64_t n1) {
     const int64_t x_at = m0 * k_size, group_at = m0 * num_groups;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    if (vectorized) {
-      int4_gemv_rows<T, rows()>(xq.data() + x_at, x_scale.data() + group_at,
-                                x_sum.data() + group_at, packed, step, minimum, bias, k_size, n0,
-                                n1, y + m0 * n_size, n_size);
-      return;
-    }
-#endif
+    // m0: a multiple of kMaxRows (parallel_tiles' chunks), so its chunk starts at m0 * groups
+    int4_gemv_rows<T, rows()>(xq.data() + x_at, x_scale.data() + group_at,
+                              x_sum.data() + group_at, x_sum_t.data() + group_at, packed, step,
+                              minimum, bias, k_size, n0, n1, y + m0 * n_size, n_size);
+#else
     int4_gemv_rows_scalar<T, rows()>(xq.data() + x_at, x_scale.data() + group_at,
                                      x_sum.data() + group_at, packed, step, minimum, bias, k_size,
                                      n0, n1, y + m0 * n_size, n_size);
+#endif
   });
 }
 

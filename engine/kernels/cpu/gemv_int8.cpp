@@ -132,9 +132,7 @@ __attribute__((target("avx2,fma"))) void int8_int16_gemv_rows(
     }
     for (int m = 0; m < M; ++m) {
       const __m256 total = kChains == 2 ? _mm256_add_ps(acc[m][0], acc[m][kChains - 1]) : acc[m][0];
-      const __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-      const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-      float sum = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+      const float sum = reduce_add(total);
       out[m * out_stride + n] = static_cast<T>(bias ? sum + static_cast<float>(bias[n]) : sum);
     }
   }

@@ -107,4 +107,13 @@ void quantize_rows_int16(const T* x, int64_t rows, int64_t k_size, int16_t* q, f
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The sum of v's 8 lanes.
+__attribute__((target("avx2,fma"))) inline float reduce_add(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+#endif
+
 }  // namespace small_batch
