@@ -35,13 +35,16 @@ from engine.weights.huge_pages import move_to_huge_pages
 # 32 measured as good as the exact count at 1 and 8 rows, and better at 32 and in prefill.
 PACK_ROWS_HINT = 32
 # Rows up to which the small-batch kernels beat oneDNN, per instruction set and weight type
-# (`bench/linear_rows.py`). AVX-512 (Zen 4): measured at 1-4 rows, oneDNN above. AVX2 (Zen 3),
-# 2026-12-01, SmolLM2's linears, kernel / oneDNN ms: fp32 40 / 55 at 8 rows, 62 / 72 at 16,
-# 124 / 123 at 32; int8 19 / 55 at 8, 90 / 123 at 32, 139 / 163 at 64: oneDNN's fp32 GEMM
-# reads the weights at 8-10 GB/s there, where the kernels stream them at ~17. int4 (AVX2, same
-# day): 126.7 / 125.6 at 32 rows, 233 / 217 at 64; AVX-512 not measured yet: int8's figure.
+# (`bench/linear_rows.py`). AVX-512 (Zen 4), fp32: 35 / 36 ms at 4 rows, 52 / 38 at 8. int8
+# and int4 there, 2026-12-02: int8 31 / 40 at 8 rows, 48 / 45 at 16; int4 25 / 40 at 8, 46 / 47
+# at 16; and the decode step (`bench/decode_step.py`) at 6-12 rows ran 1.3-2x faster with 16
+# than with 4 (4 was int8's guess from 1-4 rows, when oneDNN had not been timed past 4).
+# AVX2 (Zen 3), 2026-12-01, SmolLM2's linears, kernel / oneDNN ms: fp32 40 / 55 at 8 rows,
+# 62 / 72 at 16, 124 / 123 at 32; int8 19 / 55 at 8, 90 / 123 at 32, 139 / 163 at 64:
+# oneDNN's fp32 GEMM reads the weights at 8-10 GB/s there, where the kernels stream them at
+# ~17. int4 (AVX2, same day): 126.7 / 125.6 at 32 rows, 233 / 217 at 64.
 SMALL_BATCH_ROWS = {
-    "AVX512": {"plain": 4, "int8": 4, "int4": 4},
+    "AVX512": {"plain": 4, "int8": 16, "int4": 16},
     "AVX2": {"plain": 16, "int8": 64, "int4": 32},
 }
 
