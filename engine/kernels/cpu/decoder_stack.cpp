@@ -6,7 +6,7 @@
 // C++, through the dispatcher: the results are those of the Python layers, bit for bit. It has no
 // kernel of its own; the final norm and the logits stay in Python (engine/models/llama.py).
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>

@@ -7,7 +7,8 @@
 // Rounding: in bf16/fp16 eager torch rounds after every op; these kernels round at the same
 // points (`round_to`), so a reduced-precision model gives the tokens the eager one gives.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>

@@ -6,7 +6,8 @@
 // Shapes: a KV cache is [num_blocks, block_size, num_kv_heads, head_dim], contiguous; a block
 // table [num_seqs, max_blocks] of int32 block ids padded with -1; slot -1 is never written.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
