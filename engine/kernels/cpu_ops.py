@@ -5,17 +5,26 @@ The library is compiled with the instruction set torch itself dispatches to on t
 (the image's) runs on any machine of the same capability. It lives in torch's extension folder
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) under a name that carries the
 capability and a hash of the sources and flags: a changed kernel or torch is a new build, a cached
-one is loaded in ~10 ms without a compiler. Building needs a C++ compiler and takes ~20 s of one
-core; without one, `load()` returns False and the torch references stay the CPU path.
+one is loaded in ~10 ms without a compiler. Building needs a C++ compiler and takes ~35 s on two
+cores; without one, `load()` returns False and the torch references stay the CPU path.
+
+A server builds in a process of its own, in a session of its own, that takes its compilers down
+with it when the server's process ends, however it ends: left to themselves, a stopped server's
+ninja and g++ ran on for a minute, beside the next start's build of the same library.
 
     python -m engine.kernels.cpu_ops     # build for this machine (the Dockerfile builds them all)
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -51,16 +60,39 @@ def library_name(cap: str) -> str:
     return f"llm_cpu_{cap.lower()}_{digest.hexdigest()[:12]}"
 
 
-def build(cap: str) -> Path:
-    """Compile the library for `cap` into torch's extension folder (once); its path."""
+def library_path(cap: str) -> Path:
+    """Where the library for `cap` is (or will be) built."""
     from torch.utils import cpp_extension
 
     name = library_name(cap)
     # $TORCH_EXTENSIONS_DIR/<name>, else ~/.cache/torch_extensions/py311_cpu/<name> (torch 2.13)
     folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-    library = folder / f"{name}.so"
+    return folder / f"{name}.so"
+
+
+def build(cap: str) -> Path:
+    """The library for `cap`, compiled first (once) by a child process that does not outlive
+    this one; its path."""
+    library = library_path(cap)
     if library.exists():  # read-only folders (the image's) are fine once built
         return library
+    command = [sys.executable, "-m", "engine.kernels.cpu_ops", "--child-of", str(os.getpid()), cap]
+    result = subprocess.run(command, capture_output=True, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[2], check=False)
+    if result.returncode != 0 or not library.exists():
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(f"the build for {cap} failed: {lines[-1] if lines else 'no output'}")
+    return library
+
+
+def build_here(cap: str) -> Path:
+    """Compile the library for `cap` in this process (once); its path."""
+    from torch.utils import cpp_extension
+
+    library = library_path(cap)
+    if library.exists():
+        return library
+    name, folder = library.stem, library.parent
     with open(folder / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
         if not library.exists():
@@ -101,9 +133,30 @@ def serves(x: torch.Tensor) -> bool:
     return _is_loaded and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-if __name__ == "__main__":
-    import sys
+def _die_with(parent_pid: int) -> None:
+    """In the build's child (a session leader): when `parent_pid` ends, the build ends too.
+    Linux's parent-death signal; elsewhere the build runs to its end."""
+    def kill_group(*_: object) -> None:
+        # SIGTERM to this process group: ninja, which runs each compiler in a group of its own
+        # and passes the signal on to them before it exits.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(0, signal.SIGTERM)
+        os._exit(1)
 
+    signal.signal(signal.SIGTERM, kill_group)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent ended before the signal was asked for
+        kill_group()
+
+
+if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    for cap in sys.argv[1:] or [capability()]:
-        print(build(cap))
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["--child-of"]:
+        _die_with(int(arguments[1]))
+        arguments = arguments[2:]
+    for cap in arguments or [capability()]:
+        print(build_here(cap))

@@ -84,6 +84,47 @@ def test_library_name_changes_with_the_capability():
     assert cpu_ops.capability().lower() in cpu_ops.library_name(cpu_ops.capability())
 
 
+def _processes_working_in(folder: Path) -> list[str]:
+    """The command names of the processes whose working directory is under `folder` (ninja
+    and the compilers it runs work in the library's build folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                found.append((proc / "comm").read_text().strip())
+        except (OSError, ValueError):
+            continue  # not a process, or gone already
+    return found
+
+
+def _eventually(condition, bound_s: float) -> bool:
+    """A liveness bound, not a timing assert: whether `condition()` held within `bound_s`."""
+    for _ in range(int(bound_s * 10)):
+        if condition():
+            return True
+        threading.Event().wait(0.1)
+    return bool(condition())
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
+def test_a_killed_servers_build_takes_its_compilers_with_it(tmp_path):
+    # A server stopped while it builds the kernels must leave no compiler behind: each ran on to
+    # the end of its file (10-20 s), beside the next start's build of the same library. Killed
+    # with the server, they are gone at once; 10 s is the bound (shorter than one file's build).
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    code = "from engine.kernels import cpu_ops; cpu_ops.build(cpu_ops.capability())"
+    server = subprocess.Popen([sys.executable, "-c", code], env=env,
+                              cwd=Path(__file__).resolve().parents[3])
+    try:
+        assert _eventually(lambda: "cc1plus" in _processes_working_in(tmp_path), 120), \
+            "no compiler started"
+    finally:
+        server.kill()
+        server.wait(30)
+    assert _eventually(lambda: not _processes_working_in(tmp_path), 10), \
+        _processes_working_in(tmp_path)
+
+
 def test_engine_serves_on_the_references_until_the_kernels_load(tiny_llama_dir, monkeypatch):
     from engine import LLM, SamplingParams
 
