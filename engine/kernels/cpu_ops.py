@@ -136,6 +136,9 @@ def serves(x: torch.Tensor) -> bool:
 def _die_with(parent_pid: int) -> None:
     """In the build's child (a session leader): when `parent_pid` ends, the build ends too.
     Linux's parent-death signal; elsewhere the build runs to its end."""
+    if os.getpgid(0) != os.getpid():  # not its own group's leader: its signal would reach others
+        return
+
     def kill_group(*_: object) -> None:
         # SIGTERM to this process group: ninja, which runs each compiler in a group of its own
         # and passes the signal on to them before it exits.
