@@ -10,7 +10,7 @@ cores; without one, `load()` returns False and the torch references stay the CPU
 
 A server builds in a process of its own, in a session of its own, that takes its compilers down
 with it when the server's process ends, however it ends: left to themselves, a stopped server's
-ninja and g++ ran on for a minute, beside the next start's build of the same library.
+ninja and g++ ran on to the end of each file, beside the next start's build of the same library.
 
     python -m engine.kernels.cpu_ops     # build for this machine (the Dockerfile builds them all)
 """
@@ -148,7 +148,7 @@ def _die_with(parent_pid: int) -> None:
 
     signal.signal(signal.SIGTERM, kill_group)
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent_pid:  # the parent ended before the signal was asked for

@@ -16,6 +16,7 @@ import pytest
 
 from engine import EngineConfig, SamplingParams
 from tests.handler.server import free_port, serve, wait_until_ready
+from tests.polling import eventually
 from tests.prompts import MAX_TOKENS, PROMPT
 
 
@@ -26,13 +27,10 @@ def process_server(tiny_llama_dir):
         yield server
 
 
-def _wait_for(condition, max_polls: int = 500) -> None:
+def _wait_for(condition) -> None:
     """Poll until `condition()` (a liveness bound of ~10 s, not a timing assertion)."""
-    for _ in range(max_polls):
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError("the condition never held")
+    if not eventually(condition, 10, poll_s=0.02):
+        raise AssertionError("the condition never held")
 
 
 def test_answers_equal_the_offline_engine(process_server, expected_output):

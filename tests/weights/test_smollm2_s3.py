@@ -4,25 +4,15 @@ tells the phase and the partial bytes; once let go, the greedy tokens equal tran
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from engine import BackgroundLoader, EngineConfig, LoadState, SamplingParams
 from engine.weights.tensorize import tensorize
+from tests.polling import eventually
 from tests.s3_proxy import s3_proxy
 from tests.tiny_models import hf_default_model, hf_model_greedy
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(condition, num_checks: int = 12_000) -> bool:
-    """Whether `condition()` came true (checked every 10 ms; a liveness bound, not a timing)."""
-    for _ in range(num_checks):
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def test_smollm2_from_s3_matches_transformers(s3, s3_endpoint):
@@ -35,7 +25,7 @@ def test_smollm2_from_s3_matches_transformers(s3, s3_endpoint):
         assert control.held.wait(120), "the load never reached the held range"
         # The read starts before the imports (it may reach the held byte while torch still
         # imports): wait until the deserializer has taken bytes, then the load is mid-weights.
-        assert _wait_for(lambda: loader.progress.loaded_bytes > 0)
+        assert eventually(lambda: loader.progress.loaded_bytes > 0, 120)
         status = loader.status()
         assert status["status"] == "loading" and status["phase"] == "weights"
         assert 0 < status["loaded_bytes"] < status["total_bytes"] == loader.progress.total_bytes

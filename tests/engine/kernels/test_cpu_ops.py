@@ -26,6 +26,7 @@ from tests.engine.kernels.test_kernels import (
     _rel_error,
     decode_case,
 )
+from tests.polling import eventually
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,15 +98,6 @@ def _processes_working_in(folder: Path) -> list[str]:
     return found
 
 
-def _eventually(condition, bound_s: float) -> bool:
-    """A liveness bound, not a timing assert: whether `condition()` held within `bound_s`."""
-    for _ in range(int(bound_s * 10)):
-        if condition():
-            return True
-        threading.Event().wait(0.1)
-    return bool(condition())
-
-
 @pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux's /proc")
 def test_a_killed_servers_build_takes_its_compilers_with_it(tmp_path):
     # A server stopped while it builds the kernels must leave no compiler behind: each ran on to
@@ -116,12 +108,12 @@ def test_a_killed_servers_build_takes_its_compilers_with_it(tmp_path):
     server = subprocess.Popen([sys.executable, "-c", code], env=env,
                               cwd=Path(__file__).resolve().parents[3])
     try:
-        assert _eventually(lambda: "cc1plus" in _processes_working_in(tmp_path), 120), \
+        assert eventually(lambda: "cc1plus" in _processes_working_in(tmp_path), 120), \
             "no compiler started"
     finally:
         server.kill()
         server.wait(30)
-    assert _eventually(lambda: not _processes_working_in(tmp_path), 10), \
+    assert eventually(lambda: not _processes_working_in(tmp_path), 10), \
         _processes_working_in(tmp_path)
 
 
