@@ -272,7 +272,8 @@ class AsyncLLM(AsyncEngineClient):
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
-                    self._inbox.wait(timeout=0.5)
+                    if not self._inbox.wait(timeout=0.5):
+                        self.engine.when_idle()
                     continue
                 self._deliver_step(self.engine.step())
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop; report it

@@ -8,7 +8,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -24,19 +27,13 @@ class EngineInfo:
     token_text_overrides: dict[int, str] = field(default_factory=dict)
 
     @classmethod
-    def from_tokenizer(cls, hf_tokenizer: Any | None, **limits: Any) -> EngineInfo:
-        if hf_tokenizer is None:
+    def from_tokenizer(cls, tokenizer: Tokenizer | None, **limits: Any) -> EngineInfo:
+        if tokenizer is None:
             return cls(**limits)
-        backend = hf_tokenizer.backend_tokenizer
-        overrides = {}
-        if getattr(hf_tokenizer, "clean_up_tokenization_spaces", False):
-            # Rare, and decided inside transformers per tokenizer: compare every id once.
-            ids = range(backend.get_vocab_size(with_added_tokens=True))
-            texts = hf_tokenizer.batch_decode([[i] for i in ids])
-            overrides = {i: text for i, text in zip(ids, texts, strict=True)
-                         if text != backend.decode([i], skip_special_tokens=False)}
-        return cls(**limits, special_token_ids=tuple(hf_tokenizer.all_special_ids),
-                   tokenizer_json=backend.to_str(), token_text_overrides=overrides)
+        facts = tokenizer.facts
+        return cls(**limits, special_token_ids=facts.special_token_ids,
+                   tokenizer_json=tokenizer.backend.to_str(),
+                   token_text_overrides=facts.token_text_overrides)
 
     def token_text_decoder(self) -> Callable[[int], str]:
         """id -> the text transformers' `decode([id])` gives. The tokenizer behind it is built

@@ -151,7 +151,8 @@ class EngineLoop:
                 if self._drain_inbox():
                     self.channel.send("stats", self.engine.stats())  # aborts free blocks
                 if not self.engine.has_unfinished_requests():
-                    self._inbox.wait(timeout=0.5)
+                    if not self._inbox.wait(timeout=0.5):
+                        self.engine.when_idle()
                     self.engine.check_workers()  # a dead rank is reported even while idle
                     continue
                 outputs = self.engine.step()

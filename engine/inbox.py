@@ -27,5 +27,6 @@ class Inbox:
             self._wakeup.clear()
         return items
 
-    def wait(self, timeout: float) -> None:
-        self._wakeup.wait(timeout)
+    def wait(self, timeout: float) -> bool:
+        """False if the timeout passed with nothing posted nor a wake."""
+        return self._wakeup.wait(timeout)

@@ -9,10 +9,13 @@ their length in characters before any tokenizing, whatever their size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.block_manager import cdiv
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.tokenizer import Tokenizer
 
 
 class RequestError(ValueError):
@@ -46,12 +49,12 @@ class InputLimits:
 
 
 class InputProcessor:
-    def __init__(self, hf_tokenizer: Any | None, limits: InputLimits):
-        self.hf_tokenizer = hf_tokenizer
+    def __init__(self, tokenizer: Tokenizer | None, limits: InputLimits):
+        self.tokenizer = tokenizer
         self.limits = limits
         # No token decodes to more characters than its longest vocabulary entry: a text longer
         # than max_model_len x that many characters cannot fit the context, whatever it says.
-        self.max_chars_per_token = _max_chars_per_token(hf_tokenizer)
+        self.max_chars_per_token = _max_chars_per_token(tokenizer)
 
     @property
     def max_prompt_chars(self) -> int:
@@ -71,13 +74,14 @@ class InputProcessor:
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """The model's chat template applied to `messages`, ready to generate from."""
-        tokenizer = self.hf_tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        tokenizer = self.tokenizer
+        if tokenizer is None or not tokenizer.facts.has_chat_template:
             raise RequestError("this model has no chat template: send a plain prompt", "messages")
         num_chars = sum(len(str(m.get("content") or "")) for m in messages)
         self._check_chars(num_chars, "messages")
+        hf_tokenizer = tokenizer.hf_tokenizer  # transformers' part, loaded on first use
         try:
-            text = tokenizer.apply_chat_template(
+            text = hf_tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False
             )
         except Exception as e:  # noqa: BLE001 - template errors come from the caller's input
@@ -86,10 +90,10 @@ class InputProcessor:
         return self._encode(text, add_special_tokens=False)
 
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if self.hf_tokenizer is None:
+        if self.tokenizer is None:
             raise RequestError("this model has no tokenizer: send token ids", "prompt")
         self._check_chars(len(text), "prompt")
-        return self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_chars(self, num_chars: int, param: str) -> None:
         if num_chars > self.max_prompt_chars:
@@ -130,9 +134,9 @@ class InputProcessor:
                 )
 
 
-def _max_chars_per_token(hf_tokenizer: Any | None) -> int:
-    if hf_tokenizer is None:
+def _max_chars_per_token(tokenizer: Tokenizer | None) -> int:
+    if tokenizer is None:
         return 1
-    vocab = hf_tokenizer.get_vocab()
+    vocab = tokenizer.get_vocab()
     longest = max((len(piece) for piece in vocab), default=1)
     return max(longest, 1)

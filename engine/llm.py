@@ -20,7 +20,9 @@ class LLM:
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
-        return self.engine.hf_tokenizer
+        """transformers' tokenizer, as vLLM's `LLM.get_tokenizer` gives it."""
+        tokenizer = self.engine.tokenizer
+        return tokenizer.hf_tokenizer if tokenizer is not None else None
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes, if any (they also exit with this one)."""

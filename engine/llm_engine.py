@@ -83,10 +83,11 @@ class LLMEngine:
         """Everything after the ranks are started: tokenizer, weights, cache, the step's parts."""
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.max_model_len = self._max_model_len()
-        # The tokenizer (import transformers ~0.8 s, then its files) loads on a thread beside the
-        # weights, whose copies and checksums mostly run without the GIL: off the path to ready.
+        # The tokenizer (from a tensorized artifact ~0.1 s; else import transformers ~0.8 s, then
+        # its files) loads on a thread beside the weights, whose copies and checksums mostly run
+        # without the GIL: off the path to ready.
         with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
-            tokenizer = pool.submit(source.load_tokenizer)
+            tokenizer = pool.submit(source.tokenizer)
             self.progress.set_phase("weights")
             start = time.monotonic()
             model = source.load_model(
@@ -99,8 +100,7 @@ class LLMEngine:
                 self.model_config.num_params / 1e6, self.load_seconds,
             )
             self.progress.set_phase("tokenizer")  # what is left of it, if anything
-            self.hf_tokenizer = tokenizer.result()
-        self.tokenizer = getattr(self.hf_tokenizer, "backend_tokenizer", None)
+            self.tokenizer = tokenizer.result()
         self.eos_token_ids = self._eos_token_ids(source.generation_config())
         shard_model(model, self.tp)
         self.rank_model_config = rank_model_config(self.model_config, self.tp.world_size)
@@ -131,11 +131,12 @@ class LLMEngine:
             threading.Thread(target=self._load_cpu_kernels, name="cpu-kernels", daemon=True).start()
         self.core = EngineCore(self.scheduler, self.runner, Sampler(self.eos_token_ids),
                                self.eos_token_ids, self.max_model_len)
-        self.input_processor = InputProcessor(self.hf_tokenizer, InputLimits(
+        self.input_processor = InputProcessor(self.tokenizer, InputLimits(
             self.model_config.vocab_size, self.max_model_len, config.block_size,
             self.cache_config.num_blocks,
         ))
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(
+            self.tokenizer.backend if self.tokenizer is not None else None)
         self.progress.finish()
 
     def shutdown(self) -> None:
@@ -197,8 +198,8 @@ class LLMEngine:
         for token_id in extra if isinstance(extra, list) else [extra]:
             if token_id is not None and token_id not in ids:
                 ids.append(token_id)
-        if not ids and self.hf_tokenizer is not None and self.hf_tokenizer.eos_token_id is not None:
-            ids.append(self.hf_tokenizer.eos_token_id)
+        if not ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
         return tuple(ids)
 
     def _num_blocks(self) -> int:
@@ -249,6 +250,13 @@ class LLMEngine:
         self.core.finish_request(request_id, FinishReason.ABORT)
         self.output_processor.abort(request_id)
 
+    def when_idle(self) -> None:
+        """What a warm server has done and no request should wait for (nor share the GIL
+        with): transformers' part of the tokenizer, for chat templates. Called by the step loop
+        after half a second with nothing to do; idempotent."""
+        if self.tokenizer is not None:
+            self.tokenizer.preload()
+
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 
@@ -274,7 +282,7 @@ class LLMEngine:
     def info(self) -> EngineInfo:
         """What the server needs to know of this engine (built once per call: ~20 ms)."""
         return EngineInfo.from_tokenizer(
-            self.hf_tokenizer, max_model_len=self.max_model_len,
+            self.tokenizer, max_model_len=self.max_model_len,
             dtype=str(self.dtype).removeprefix("torch."), device_type=self.device.type,
             eos_token_ids=self.eos_token_ids,
         )

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from engine.load_progress import LoadProgress
 from engine.weights.errors import WeightsError
+
+if TYPE_CHECKING:
+    from engine.tokenizer import Tokenizer
 
 
 class ConfigMismatchError(WeightsError):
@@ -35,6 +38,13 @@ class WeightSource(ABC):
     @abstractmethod
     def load_tokenizer(self) -> Any | None:
         """A transformers tokenizer, or None if the source ships no tokenizer files."""
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The engine's tokenizer (transformers' wrapped), or None without tokenizer files."""
+        from engine.tokenizer import Tokenizer
+
+        hf_tokenizer = self.load_tokenizer()
+        return Tokenizer.from_hf(hf_tokenizer) if hf_tokenizer is not None else None
 
     def generation_config(self) -> dict[str, Any]:
         return {}

@@ -24,8 +24,10 @@ from engine.config import ModelConfig
 from engine.distributed.sharding import check_divisible, shard_model
 from engine.distributed.tensor_parallel import TensorParallel
 from engine.models import model_class
+from engine.tokenizer import write_facts
 from engine.weights.loader import open_source
 from engine.weights.s3 import S3Location, s3_client, upload_folder
+from engine.weights.safetensors import load_folder_tokenizer
 from engine.weights.source import LoadProgress
 from engine.weights.tensorizer import WEIGHTS_FILE, rank_weights_file, write_manifest
 
@@ -106,6 +108,9 @@ def write_artifact(src: str, folder: Path, dtype: str,
     tokenizer = source.load_tokenizer()
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+        # What the engine needs of it, from the tokenizer transformers builds from the saved
+        # files, so that a server encodes and decodes without importing transformers.
+        write_facts(load_folder_tokenizer(folder), folder)
     manifest = {
         "format": "tensorizer",
         "source": str(src) or "embedded SmolLM2-135M-Instruct",

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.distributed.sharding import shard_model
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
+from engine.tokenizer import FACTS_FILE, Tokenizer
 from engine.weights.prefetch import WEIGHTS_FILE
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
 from engine.weights.s3_reader import S3ObjectReader
@@ -37,7 +38,7 @@ MANIFEST_FILE = "manifest.json"
 SIDE_FILES = (
     "config.json", "generation_config.json", MANIFEST_FILE, "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "tokenizer.model",
+    "tokenizer.model", FACTS_FILE,
 )
 NUM_READERS = 4
 
@@ -127,6 +128,12 @@ class TensorizerSource(WeightSource):
 
     def load_tokenizer(self) -> Any | None:
         return load_folder_tokenizer(self._files_dir())
+
+    def tokenizer(self) -> Tokenizer | None:
+        """From the facts `tensorize` wrote, transformers' tokenizer loaded when first needed
+        (the closure keeps this source, and its downloaded folder, alive until then)."""
+        tokenizer = Tokenizer.from_folder_facts(self._files_dir(), self.load_tokenizer)
+        return tokenizer if tokenizer is not None else super().tokenizer()
 
     # -- the weights ----------------------------------------------------------------------------
 

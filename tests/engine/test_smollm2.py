@@ -41,7 +41,7 @@ def test_streamed_text_never_breaks_utf8(llm):
     tokenizer = llm.get_tokenizer()
     text = "Voilà: naïve café, 東京の天気 🙂🚀 — done."
     ids = tokenizer.encode(text)
-    detok = IncrementalDetokenizer(llm.engine.tokenizer, SamplingParams())
+    detok = IncrementalDetokenizer(llm.engine.tokenizer.backend, SamplingParams())
     deltas = []
     for token_id in ids:
         detok.add_token(token_id)
@@ -54,7 +54,8 @@ def test_streamed_text_never_breaks_utf8(llm):
 def test_stop_string_across_tokens_is_cut_and_never_streamed(llm):
     tokenizer = llm.get_tokenizer()
     ids = tokenizer.encode("The quick brown fox jumps over the lazy dog")
-    detok = IncrementalDetokenizer(llm.engine.tokenizer, SamplingParams(stop=["brown fox j"]))
+    detok = IncrementalDetokenizer(llm.engine.tokenizer.backend,
+                                   SamplingParams(stop=["brown fox j"]))
     streamed, hit = "", None
     for token_id in ids:
         hit = detok.add_token(token_id)

@@ -49,7 +49,7 @@ def test_token_ids_are_checked_against_the_model(tiny_server, route, body, param
 
 
 def test_a_hopeless_prompt_is_refused_without_tokenizing(tiny_server, monkeypatch):
-    tokenizer = tiny_server.state.loader.engine.input_processor.hf_tokenizer
+    tokenizer = tiny_server.state.loader.engine.input_processor.tokenizer
     calls = []
     real_encode = tokenizer.encode
     monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(1) or real_encode(
@@ -66,7 +66,7 @@ def test_a_hopeless_prompt_is_refused_without_tokenizing(tiny_server, monkeypatc
 
 
 def test_tokenizing_never_blocks_the_event_loop(tiny_server, monkeypatch):
-    tokenizer = tiny_server.state.loader.engine.input_processor.hf_tokenizer
+    tokenizer = tiny_server.state.loader.engine.input_processor.tokenizer
     entered, release = threading.Event(), threading.Event()
     real_encode = tokenizer.encode
 

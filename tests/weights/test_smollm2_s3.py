@@ -35,7 +35,7 @@ def test_smollm2_from_s3_matches_transformers(s3, s3_endpoint):
     engine = loader.engine
     assert engine.progress.loaded_bytes == engine.progress.total_bytes > 500e6
 
-    prompt = engine.hf_tokenizer.encode("Once upon a time, in a small village,")
+    prompt = engine.tokenizer.encode("Once upon a time, in a small village,")
     expected = hf_model_greedy(hf_default_model(), prompt, 32)
     engine.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     output = None

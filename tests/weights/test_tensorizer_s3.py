@@ -4,12 +4,15 @@ and one clear error per fault, in bounded time."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.tokenizer import FACTS_FILE
 from engine.weights import ConfigMismatchError, WeightsError
 from engine.weights.s3 import S3AccessDeniedError, S3NotFoundError, S3UnreachableError
+from engine.weights.safetensors import load_folder_tokenizer
 from engine.weights.tensorize import tensorize
 from engine.weights.tensorizer import CorruptWeightsError
 from tests.s3_server import set_auth_enforced
@@ -36,9 +39,26 @@ def test_s3_round_trip_keeps_greedy_tokens(tiny_llama_dir, tiny_on_s3, s3_endpoi
     assert llm.engine.progress.loaded_bytes == llm.engine.progress.total_bytes > 0
 
 
+def test_s3_artifact_tokenizes_without_transformers_until_a_chat(
+        tiny_llama_dir, tiny_on_s3, s3_endpoint):
+    """The artifact's tokenizer facts: prompts encode as transformers encodes them, with
+    transformers' tokenizer loaded only for the first chat template."""
+    llm = LLM(tiny_on_s3, s3_endpoint=s3_endpoint)
+    reference = load_folder_tokenizer(Path(tiny_llama_dir))
+    tokenizer = llm.engine.tokenizer
+    assert not tokenizer.is_hf_loaded
+    for text in ("Hello world! café 🙂", "<s>a</s>"):
+        assert tokenizer.encode(text) == reference.encode(text)
+    messages = [{"role": "user", "content": "hi 🙂"}]
+    expected = reference.encode(reference.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    assert llm.engine.input_processor.chat_prompt_ids(messages) == expected
+    assert tokenizer.is_hf_loaded
+
+
 def test_local_tensorized_folder_keeps_greedy_tokens(tiny_llama_dir, tmp_path):
     tensorize(tiny_llama_dir, str(tmp_path / "art"), "float32")
-    assert {"model.tensors", "config.json", "manifest.json"} <= {
+    assert {"model.tensors", "config.json", "manifest.json", FACTS_FILE} <= {
         p.name for p in (tmp_path / "art").iterdir()
     }
     llm = LLM(str(tmp_path / "art"))
