@@ -121,9 +121,12 @@ class ModelRunner:
             logger.info("CPU linears for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",
                         pack_linears(model, quantization))
-            # off the path to the first token: the plain weights serve meanwhile
+            # Off the path to the first token: the plain weights serve meanwhile. Not a daemon:
+            # the interpreter waits for it at exit, as a daemon thread still inside a tensor copy
+            # when it finalizes aborts the process ("terminate called without an active
+            # exception"; an offline script that exits without `shutdown()`).
             self.weight_mover = threading.Thread(
-                target=pack_and_move, args=(model,), name="pack-weights", daemon=True)
+                target=pack_and_move, args=(model,), name="pack-weights")
             self.weight_mover.start()
         elif quantization:
             raise ValueError(f"{quantization} weights are for the CPU's packed linears: fp32, or "
@@ -135,9 +138,7 @@ class ModelRunner:
         )
 
     def wait_for_weight_mover(self) -> None:
-        """Before the process exits: a daemon thread still inside a tensor copy when the
-        interpreter finalizes aborts the process ("terminate called without an active
-        exception"). Packing and moving take about a second."""
+        """Packing and moving take about a second."""
         if self.weight_mover is not None:
             self.weight_mover.join()
 
