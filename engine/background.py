@@ -65,7 +65,8 @@ class BackgroundLoader:
             # The S3 read starts first; torch and transformers are imported next, on this
             # thread, while the bytes arrive and the server answers.
             self.progress.set_phase("imports")
-            early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint)
+            early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint,
+                                            self.config.verify_weights)
             from engine.llm_engine import LLMEngine
 
             gc.freeze()

@@ -36,7 +36,7 @@ class EngineConfig:
     attention_backend: str | None = None
     seed: int = 0
     s3_endpoint: str | None = None
-    verify_weights: bool = True  # check tensorizer's per-tensor checksums while loading
+    verify_weights: bool = True  # check the weights' checksums while loading
     # CPU: build a compiled one-sequence decode step in the background (engine/compiled_decode.py)
     compile_decode: bool = False
     # Ranks the model is split across (engine/distributed/): worker processes on this host.

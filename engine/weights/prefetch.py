@@ -19,8 +19,10 @@ WEIGHTS_FILE = "model.tensors"  # the weights of a tensorized artifact, beside i
 PREFETCH_BYTES = 1 << 30  # held in memory at most, ahead of the deserializer
 
 
-def prefetch_weights(model: str, s3_endpoint: str | None) -> S3ObjectReader | None:
-    """For an s3:// model: its weights object, already being read; else None."""
+def prefetch_weights(model: str, s3_endpoint: str | None,
+                     hash_weights: bool = True) -> S3ObjectReader | None:
+    """For an s3:// model: its weights object, already being read (and hashed, for the
+    manifest's sha256, if `hash_weights`); else None."""
     if not model.startswith("s3://"):
         return None
     try:
@@ -31,5 +33,7 @@ def prefetch_weights(model: str, s3_endpoint: str | None) -> S3ObjectReader | No
         logger.info("%s: not read early (%s)", model, e)
         return None
     reader = S3ObjectReader(client, location, WEIGHTS_FILE, size)
+    if hash_weights:
+        reader.hash_object()
     reader.start(PREFETCH_BYTES)
     return reader

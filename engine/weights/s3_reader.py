@@ -21,9 +21,11 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from engine.weights.digest import ReadDigest
 from engine.weights.errors import WeightsError
 from engine.weights.s3 import S3Location, translate_error
 
@@ -57,6 +59,8 @@ class _Range:
         self.error: BaseException | None = None
         self.is_abandoned = False
         self.cond = threading.Condition()
+        # Called with (position, piece) as each piece arrives, in order (the object's hash).
+        self.on_receive: Callable[[int, memoryview], None] | None = None
 
     @property
     def num_missing(self) -> int:
@@ -69,6 +73,8 @@ class _Range:
             piece = memoryview(piece)[: max(0, self.num_missing)]  # the end may have moved
             if self.first_byte_time is None:
                 self.first_byte_time = time.monotonic()
+            if self.on_receive is not None:
+                self.on_receive(self.start + self.num_received, piece)
             self.pieces.append(piece)
             self.num_buffered += len(piece)
             self.num_received += len(piece)
@@ -122,6 +128,15 @@ class S3ObjectReader(io.RawIOBase):
         for start in range(0, max(size, 1), step):
             self._ranges.append(_Range(start, min(start + step, size), MAX_AHEAD_BYTES))
         self._num_started = 0
+        self.digest: ReadDigest | None = None
+
+    def hash_object(self) -> ReadDigest:
+        """Hash the object in order as its bytes come, on a thread of its own: the first range
+        as it arrives (an early read's arrives while the engine imports), the others (if the
+        read was split) as they are read. Called before `start` and the first read."""
+        self.digest = ReadDigest()
+        self._ranges[0].on_receive = self.digest.feed
+        return self.digest
 
     def start(self, max_ahead_bytes: int = MAX_AHEAD_BYTES) -> None:
         """Begin fetching now, before the first read, keeping up to `max_ahead_bytes` of the
@@ -151,6 +166,8 @@ class S3ObjectReader(io.RawIOBase):
         while num_done < len(view) and self._pos < self.size:
             part = self._range_at(self._pos)
             piece = part.take(min(len(view) - num_done, part.end - self._pos))
+            if self.digest is not None and part.on_receive is None:
+                self.digest.feed(self._pos, piece)
             view[num_done : num_done + len(piece)] = piece
             num_done += len(piece)
             self._pos += len(piece)
@@ -158,6 +175,8 @@ class S3ObjectReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            if self.digest is not None:
+                self.digest.close()
             for part in self._ranges:
                 part.abandon()
             self._pool.shutdown(wait=False, cancel_futures=True)

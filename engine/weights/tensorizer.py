@@ -23,7 +23,7 @@ from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.tokenizer import FACTS_FILE, Tokenizer
 from engine.weights.prefetch import WEIGHTS_FILE
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
-from engine.weights.s3_reader import S3ObjectReader
+from engine.weights.s3_reader import PIECE_BYTES, S3ObjectReader
 from engine.weights.safetensors import load_folder_tokenizer, read_json
 from engine.weights.source import (
     ConfigMismatchError,
@@ -150,8 +150,7 @@ class TensorizerSource(WeightSource):
             return self.early_reader, size, 1
         # boto3 signs each ranged GET (temporary credentials included) and several are in
         # flight at once: one tensorizer reader consumes them in order.
-        reader = S3ObjectReader(self._client, S3Location.parse(self.uri), self.weights_file, size)
-        return reader, size, 1
+        return self._new_reader(), size, 1
 
     def load_model(
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,
@@ -171,13 +170,24 @@ class TensorizerSource(WeightSource):
             model = model_cls(config)
             if num_ranks > 1:
                 shard_model(model, self.tp)  # the shapes of this rank's tensors
+        expected_sha256 = self._expected_sha256() if self.verify_hash else None
+        # From S3, the manifest's sha256 of the whole object, hashed on a core of its own as the
+        # bytes come (`S3ObjectReader.hash_object`); else tensorizer's per-tensor checksums.
+        digest = None
+        if expected_sha256 is not None and isinstance(stream, S3ObjectReader):
+            digest = stream.digest or stream.hash_object()
         try:
             deserializer = TensorDeserializer(
-                stream, device=device, dtype=dtype, lazy_load=True,
-                num_readers=num_readers, verify_hash=self.verify_hash,
+                stream, device=device, dtype=dtype, lazy_load=True, num_readers=num_readers,
+                verify_hash=self.verify_hash and digest is None,
             )
-            with deserializer:
+            with deserializer:  # which closes the stream
                 self._place_tensors(model, deserializer, progress)
+                if digest is not None:
+                    stream.read()  # the object's end, past the last tensor: all of it hashed
+                    actual_sha256 = digest.hexdigest()
+            if digest is not None:
+                self._check_sha256(actual_sha256, expected_sha256)
         except WeightsError:
             raise
         except HashMismatchError as e:
@@ -194,6 +204,47 @@ class TensorizerSource(WeightSource):
         finally:
             stream.close()
         return model
+
+    def _expected_sha256(self) -> str | None:
+        manifest = self.manifest()
+        if self.num_artifact_ranks() > 1:
+            return manifest.get("rank_weights_sha256", [None] * self.tp.world_size)[self.tp.rank]
+        return manifest.get("weights_sha256")
+
+    def _check_sha256(self, actual: str | None, expected: str) -> None:
+        if actual is None:  # read out of order (never, as tensorizer reads): hash it again
+            logger.warning("%s/%s: read out of order; hashing it again", self.uri,
+                           self.weights_file)
+            with self._new_reader() as reader:
+                digest = reader.hash_object()
+                while reader.read(PIECE_BYTES):
+                    pass
+                actual = digest.hexdigest()
+        if actual != expected:
+            detail = self._corrupt_tensor() or (
+                f"its sha256 is {actual}, the manifest says {expected}")
+            raise CorruptWeightsError(
+                f"{self.uri}/{self.weights_file}: checksum mismatch, the file is corrupted "
+                f"({detail})")
+
+    def _corrupt_tensor(self) -> str | None:
+        """Which tensor's own checksum fails, by tensorizer's (read again: only once the whole
+        object's sha256 has failed), or None if none does (the bytes between tensors)."""
+        from tensorizer import TensorDeserializer
+        from tensorizer.serialization import HashMismatchError
+
+        try:
+            with TensorDeserializer(self._new_reader(), device="cpu", lazy_load=True,
+                                    num_readers=1, verify_hash=True) as deserializer:
+                for _ in deserializer.values():
+                    pass
+        except HashMismatchError as e:
+            return str(e)
+        return None
+
+    def _new_reader(self) -> S3ObjectReader:
+        return S3ObjectReader(self._client, S3Location.parse(self.uri), self.weights_file,
+                              self._s3_weights_bytes())
 
     def _check_size(self, total_bytes: int) -> None:
         manifest = self.manifest()

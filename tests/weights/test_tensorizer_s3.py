@@ -11,10 +11,12 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.tokenizer import FACTS_FILE
 from engine.weights import ConfigMismatchError, WeightsError
+from engine.weights.prefetch import prefetch_weights
 from engine.weights.s3 import S3AccessDeniedError, S3NotFoundError, S3UnreachableError
 from engine.weights.safetensors import load_folder_tokenizer
 from engine.weights.tensorize import tensorize
-from engine.weights.tensorizer import CorruptWeightsError
+from engine.weights.tensorizer import CorruptWeightsError, TensorizerSource
+from tests.polling import eventually
 from tests.s3_server import set_auth_enforced
 from tests.tiny_models import hf_greedy, random_prompts
 
@@ -110,14 +112,40 @@ def test_truncated_weights(tiny_on_s3, s3, s3_endpoint):
     assert isinstance(error, CorruptWeightsError) and "truncated" in str(error)
 
 
-def test_corrupted_weights_fail_hash_check(tiny_on_s3, s3, s3_endpoint):
+@pytest.mark.parametrize("where", ["last tensor", "past the last tensor"])
+def test_corrupted_weights_fail_hash_check(tiny_on_s3, s3, s3_endpoint, where):
+    """The manifest's sha256 covers the whole object, the bytes after the last tensor too."""
     body = bytearray(s3.get_object(Bucket="models", Key="tiny-llama/model.tensors")["Body"].read())
-    for i in range(len(body) - 4096, len(body) - 4000):
-        body[i] ^= 0xFF  # inside the last tensor's data
-    uri = _copy_prefix(s3, "tiny-llama", "copy-2", **{"model.tensors": bytes(body)})
+    flipped = range(len(body) - 4096, len(body) - 4000) if where == "last tensor" else [-1]
+    for i in flipped:
+        body[i] ^= 0xFF
+    dest = f"copy-2-{len(flipped)}"
+    uri = _copy_prefix(s3, "tiny-llama", dest, **{"model.tensors": bytes(body)})
     error = _load_error(uri, s3_endpoint)  # verified by default
     assert isinstance(error, CorruptWeightsError) and "checksum mismatch" in str(error)
-    assert "s3://models/copy-2/model.tensors" in str(error) and "lm_head.weight" in str(error)
+    assert f"s3://models/{dest}/model.tensors" in str(error)
+    named = "lm_head.weight" if where == "last tensor" else "the manifest says"
+    assert named in str(error)  # the tensor whose own checksum fails, if one does
+
+
+def test_an_early_read_is_hashed_as_it_arrives(tiny_on_s3, s3_endpoint):
+    """The manifest's sha256, computed while the bytes arrive, before anything reads them."""
+    reader = prefetch_weights(tiny_on_s3, s3_endpoint)
+    try:
+        assert eventually(lambda: reader.digest.num_bytes == reader.size, max_s=30)
+        assert reader.tell() == 0
+        manifest = TensorizerSource(tiny_on_s3, s3_endpoint=s3_endpoint).manifest()
+        assert reader.digest.hexdigest() == manifest["weights_sha256"]
+    finally:
+        reader.close()
+
+
+def test_weights_read_out_of_order_are_hashed_again(tiny_on_s3, s3_endpoint):
+    source = TensorizerSource(tiny_on_s3, s3_endpoint=s3_endpoint)
+    expected = source.manifest()["weights_sha256"]
+    source._check_sha256(None, expected)  # hashed again from S3: no error
+    with pytest.raises(CorruptWeightsError, match="checksum mismatch"):
+        source._check_sha256(None, "0" * 64)
 
 
 def test_config_that_does_not_match_the_weights(tiny_on_s3, s3, s3_endpoint):
