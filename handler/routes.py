@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engine import LoadState
-from handler import __version__, sagemaker
+from handler import sagemaker, version
 from handler.formats import StreamFormat, choose_format
 from handler.generation import GenerationService, api_error
 from handler.openapi import openapi_document
@@ -93,7 +93,7 @@ async def models(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return JSONResponse(openapi_document(__version__))
+    return JSONResponse(openapi_document(version()))
 
 
 async def model_info(request: Request) -> Response:
@@ -126,7 +126,7 @@ async def info(request: Request) -> Response:
         "max_input_tokens": None if max_total is None else max_total - 1,
         "max_total_tokens": max_total,
         "validation_workers": 1, "max_client_batch_size": MAX_PROMPTS,
-        "router": "sagemaker-llm", "version": __version__, "sha": None, "docker_label": None,
+        "router": "sagemaker-llm", "version": version(), "sha": None, "docker_label": None,
     })
 
 

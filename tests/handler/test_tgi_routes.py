@@ -3,6 +3,7 @@ model routes; each answer compared with the offline engine's greedy output."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import httpx
@@ -47,6 +48,7 @@ def test_info_describes_the_model_and_limits(tiny_server, tiny_offline):
     assert info["max_total_tokens"] == tiny_offline.engine.max_model_len
     assert info["max_input_tokens"] == info["max_total_tokens"] - 1
     assert info["model_dtype"] == "float32" and info["model_device_type"] == "cpu"
+    assert info["version"] == importlib.metadata.version("sagemaker-llm")  # the installed one
     assert httpx.get(tiny_server.url + "/health").status_code == 200
 
 
