@@ -80,6 +80,9 @@ class Tokenizer:
         self._hf_tokenizer = hf_tokenizer
         self._lock = threading.Lock()
         self._is_preloading = False
+        # Loaded with transformers' tokenizer at hand, encode as it does (the facts are written
+        # only where the backend alone encodes the same).
+        self._hf_encode = hf_tokenizer.encode if hf_tokenizer is not None else None
 
     @classmethod
     def from_hf(cls, hf_tokenizer: Any) -> Tokenizer:
@@ -104,6 +107,8 @@ class Tokenizer:
         return self.facts.eos_token_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._hf_encode is not None:
+            return self._hf_encode(text, add_special_tokens=add_special_tokens)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def get_vocab(self) -> dict[str, int]:
