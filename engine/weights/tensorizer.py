@@ -185,9 +185,7 @@ class TensorizerSource(WeightSource):
                 self._place_tensors(model, deserializer, progress)
                 if digest is not None:
                     stream.read()  # the object's end, past the last tensor: all of it hashed
-                    actual_sha256 = digest.hexdigest()
-            if digest is not None:
-                self._check_sha256(actual_sha256, expected_sha256)
+                    self._check_sha256(digest.hexdigest(), expected_sha256)
         except WeightsError:
             raise
         except HashMismatchError as e:
