@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -13,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine import EngineConfig, EngineProcessClient
-from handler import routes
-from handler.protocol import ApiError
+from handler import probes
+from handler.errors import ApiError, error_response
 from handler.settings import ServerSettings
 from handler.state import ServerState
 
@@ -29,28 +31,31 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.start()
+        # The routes that take requests, imported while /ping already answers.
+        threading.Thread(target=importlib.import_module, args=("handler.routes",),
+                         name="import-routes", daemon=True).start()
         yield
         state.shutdown()
 
     app = Starlette(
         routes=[
-            Route("/ping", routes.ping, methods=["GET", "POST"]),
-            Route("/health", routes.health, methods=["GET"]),
-            Route("/metrics", routes.metrics, methods=["GET"]),
-            Route("/invocations", routes.invocations, methods=["POST"]),
-            Route("/v1/completions", routes.completions, methods=["POST"]),
-            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
-            Route("/v1/models", routes.models, methods=["GET"]),
-            Route("/v1/models/{model_id:path}", routes.model_info, methods=["GET"]),
-            Route("/", routes.tgi_root, methods=["POST"]),
-            Route("/generate", routes.tgi_generate, methods=["POST"]),
-            Route("/generate_stream", routes.tgi_generate_stream, methods=["POST"]),
-            Route("/info", routes.info, methods=["GET"]),
-            Route("/openapi.json", routes.openapi, methods=["GET"]),
-            Route("/endpoints/{name}/invocations", routes.runtime_invocations,
+            Route("/ping", probes.ping, methods=["GET", "POST"]),
+            Route("/health", probes.health, methods=["GET"]),
+            Route("/metrics", probes.metrics, methods=["GET"]),
+            Route("/invocations", _deferred("invocations"), methods=["POST"]),
+            Route("/v1/completions", _deferred("completions"), methods=["POST"]),
+            Route("/v1/chat/completions", _deferred("chat_completions"), methods=["POST"]),
+            Route("/v1/models", _deferred("models"), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", _deferred("model_info"), methods=["GET"]),
+            Route("/", _deferred("tgi_root"), methods=["POST"]),
+            Route("/generate", _deferred("tgi_generate"), methods=["POST"]),
+            Route("/generate_stream", _deferred("tgi_generate_stream"), methods=["POST"]),
+            Route("/info", _deferred("info"), methods=["GET"]),
+            Route("/openapi.json", _deferred("openapi"), methods=["GET"]),
+            Route("/endpoints/{name}/invocations", _deferred("runtime_invocations"),
                   methods=["POST"]),
             Route("/endpoints/{name}/invocations-response-stream",
-                  routes.runtime_invocations_stream, methods=["POST"]),
+                  _deferred("runtime_invocations_stream"), methods=["POST"]),
         ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error,
                             ClientDisconnect: _client_gone, Exception: _unexpected_error},
@@ -60,17 +65,30 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig,
     return app
 
 
+def _deferred(name: str) -> Callable[[Request], Awaitable[Response]]:
+    """The route `handler.routes.<name>`, imported when first asked for. The server then
+    listens before pydantic and the request protocol are imported (0.11 s of a 0.4 s first /ping
+    on Zen 3, 0.2 s of 0.6 s on Zen 1); the lifespan imports them in the background meanwhile."""
+
+    async def endpoint(request: Request) -> Response:
+        routes = importlib.import_module("handler.routes")
+        return await getattr(routes, name)(request)
+
+    endpoint.__name__ = name
+    return endpoint
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return routes.error_response(exc, request.url.path)
+    return error_response(exc, request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Unknown routes and methods answer in the same JSON shape as every other error."""
     assert isinstance(exc, HTTPException)
-    return routes.error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} "
-                                          f"{request.url.path}", headers=exc.headers),
-                                 request.url.path)
+    return error_response(ApiError(exc.status_code, f"{exc.detail}: {request.method} "
+                                   f"{request.url.path}", headers=exc.headers),
+                          request.url.path)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -17,6 +17,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine import SamplingParams
+from handler.errors import ApiError
 
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 16
@@ -42,16 +43,6 @@ class ApiKind(enum.StrEnum):
     TGI = "tgi"
     COMPLETION = "completion"
     CHAT = "chat"
-
-
-class ApiError(Exception):
-    """An error answered to the client as JSON with this status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-        self.headers = headers or {}
 
 
 def invalid(param: str, message: str) -> ApiError:

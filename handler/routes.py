@@ -1,6 +1,6 @@
-"""HTTP routes: the SageMaker contract (/ping, /invocations), OpenAI (/v1/...), TGI's own routes
-(/, /generate, /generate_stream, /info, /health), the SageMaker runtime API
-(/endpoints/{name}/...) and /metrics."""
+"""HTTP routes that take requests: SageMaker's /invocations, OpenAI's (/v1/...), TGI's own
+(/, /generate, /generate_stream, /info) and the SageMaker runtime API (/endpoints/{name}/...).
+/ping, /health and /metrics are handler/probes.py's."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.exposition import choose_encoder
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -23,6 +22,7 @@ from handler import sagemaker, version
 from handler.formats import StreamFormat, choose_format
 from handler.generation import GenerationService, api_error
 from handler.openapi import openapi_document
+from handler.probes import server_state as _state
 from handler.protocol import (
     MAX_PROMPTS,
     MAX_STOP_SEQUENCES,
@@ -38,50 +38,8 @@ from handler.state import ServerState
 
 logger = logging.getLogger(__name__)
 
-ERROR_TYPES = {
-    400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-    405: "MethodNotAllowed", 406: "NotAcceptableError", 408: "RequestTimeoutError",
-    413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 422: "ValidationError",
-    429: "OverloadedError", 499: "ClientClosedRequest", 503: "ServiceUnavailableError",
-}
 
-
-# TGI's own routes answer errors in TGI's shape: {"error": message, "error_type": kind}.
-TGI_PATHS = ("/", "/generate", "/generate_stream")
-TGI_ERROR_TYPES = {422: "validation", 400: "validation", 429: "overloaded", 413: "validation"}
-
-
-def error_response(error: ApiError, path: str = "") -> JSONResponse:
-    if path in TGI_PATHS:
-        body: dict[str, Any] = {"error": error.message,
-                                "error_type": TGI_ERROR_TYPES.get(error.status, "generation")}
-    else:
-        body = {"error": {"message": error.message,
-                          "type": ERROR_TYPES.get(error.status, "InternalServerError"),
-                          "param": error.param, "code": error.status}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.server
-
-
-# -- health -----------------------------------------------------------------------------------
-
-
-async def ping(request: Request) -> Response:
-    status, body = _state(request).health()
-    return JSONResponse(body, status_code=status)
-
-
-async def health(request: Request) -> Response:
-    status, _ = _state(request).health()
-    return Response(status_code=200 if status == 200 else 503)
-
-
-async def metrics(request: Request) -> Response:
-    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(encoder(_state(request).metrics.registry), media_type=content_type)
+# -- the API ------------------------------------------------------------------------------------
 
 
 async def models(request: Request) -> Response:

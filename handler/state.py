@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import (
     AsyncEngineClient,
@@ -15,11 +15,13 @@ from engine import (
     EngineProcessClient,
     LoadState,
 )
-from handler.generation import GenerationService
+from handler.errors import ApiError
 from handler.gpu_metrics import GpuMetrics
 from handler.metrics import Metrics
-from handler.protocol import ApiError
 from handler.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from handler.generation import GenerationService
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class ServerState:
             raise ApiError(503, "the model is still loading", headers={"Retry-After": "5"})
         async with self._service_lock:
             if self.service is None:
+                from handler.generation import GenerationService  # the request protocol
                 assert self.loader.info is not None
                 self.service = GenerationService(self._client(), self.metrics, self.loader.info)
         return self.service

@@ -63,14 +63,19 @@ def test_ping_during_a_held_load_tells_the_phase_and_bytes(monkeypatch):
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-def test_the_server_answers_before_torch_is_imported():
-    """/ping needs neither torch nor transformers: the app is built without them, and the
-    loader thread imports them while the server already answers."""
-    code = ("import sys, handler.app, handler.server, handler.routes; "
-            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+def _modules_after(imports: str, names: set[str]) -> list[str]:
+    code = f"import json, sys, {imports}; print(json.dumps(sorted({names!r} & set(sys.modules))))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, check=True)
-    assert result.stdout.strip() == "[]"
+    return json.loads(result.stdout)
+
+
+def test_the_server_answers_before_torch_or_the_request_protocol_is_imported():
+    """/ping needs neither torch nor transformers nor pydantic: the app is built without them;
+    the loader imports torch and the lifespan the request routes while the server answers."""
+    heavy = {"torch", "transformers", "pydantic", "handler.protocol", "handler.routes"}
+    assert _modules_after("handler.app, handler.server", heavy) == []
+    assert _modules_after("handler.routes", {"torch", "transformers"}) == []
 
 
 def test_failed_load_is_500_with_the_reason(tmp_path):
