@@ -192,15 +192,20 @@ def percentile(values: list[float], q: float) -> float:
 # -- the servers ------------------------------------------------------------------------------
 
 
+NGRAM_CONFIG = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+
+
 def ours(dtype: str, extra: list[str], threads: int | None = None) -> tuple[list[str], str, dict]:
     """`dtype` may name options too: "bfloat16+int8" is `--dtype bfloat16 --quantization int8`,
-    "float32+thread" is `--no-engine-process` (the engine on a thread of the server).
+    "float32+thread" is `--no-engine-process` (the engine on a thread of the server),
+    "float32+ngram" speculative decoding by prompt lookup (4 draft tokens a step).
     `threads`: the step's OpenMP threads (`OMP_NUM_THREADS`; default: one per core)."""
     model = Path(__file__).resolve().parents[1] / ".cache/models/smollm2"
     dtype, *options = dtype.split("+")
+    flags = {"thread": ["--no-engine-process"],
+             "ngram": ["--speculative-config", NGRAM_CONFIG]}
     for option in options:
-        extra = [*(["--no-engine-process"] if option == "thread" else
-                   ["--quantization", option]), *extra]
+        extra = [*flags.get(option, ["--quantization", option]), *extra]
     cmd = [sys.executable, "-m", "handler", "--model", str(model), "--host", "127.0.0.1",
            "--port", "{port}", "--max-model-len", str(max(2048, PROMPT_TOKENS + NEW_TOKENS)),
            "--max-num-seqs", "64",

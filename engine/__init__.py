@@ -29,6 +29,7 @@ _MODULE_OF = {
     "CompletionOutput": "engine.outputs",
     "RequestOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
+    "SpeculativeConfig": "engine.config",
 }
 
 __all__ = sorted(_MODULE_OF)

@@ -18,6 +18,36 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by prompt lookup (vLLM's `--speculative-config '{"method": "ngram",
+    ...}'`, engine/ngram_proposer.py): up to `num_speculative_tokens` draft tokens a step for
+    each greedy sequence, while at most `max_num_seqs` sequences run (a larger batch is bound by
+    arithmetic, where scoring drafts costs what it saves)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
+    max_num_seqs: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative method must be 'ngram', got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                     "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be in 1..16, "
+                             f"got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What the user chose. `model`: a folder, a `.gguf` file, `s3://...` or "" (embedded)."""
 
@@ -44,6 +74,7 @@ class EngineConfig:
     quantization: str | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": processes on this host; "ray": a cluster
+    speculative: SpeculativeConfig | None = None  # draft tokens by prompt lookup; None: off
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import SpeculativeConfig
 from engine.input_processor import EngineRequest
 from engine.model_runner import ModelRunner, StepOutput
 from engine.sampler import Sampler, SampleResult
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence
+from engine.speculative import Speculator, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +51,13 @@ class SeqOutput:
 
 class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, sampler: Sampler,
-                 eos_token_ids: tuple[int, ...], max_model_len: int):
+                 eos_token_ids: tuple[int, ...], max_model_len: int,
+                 speculative: SpeculativeConfig | None = None):
         self.scheduler, self.runner, self.sampler = scheduler, runner, sampler
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+        self.speculator = Speculator(speculative, max_model_len) if speculative else None
+        self._verdicts: dict[int, Verdict] = {}  # this step's scored drafts, by seq id
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
@@ -100,7 +105,12 @@ class EngineCore:
     # -- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[SeqOutput]:
+        self._verdicts = {}
+        if self.speculator is not None and self._has_room_for_drafts():
+            self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
+        if self.speculator is not None:
+            self.speculator.drop_unscheduled(batch)
         if batch.is_empty:
             return []
         self._count_prompt_tokens(batch)
@@ -112,11 +122,36 @@ class EngineCore:
             if seq.request_id in failed or result is None:
                 continue
             try:
-                outputs.append(self._append_token(seq, result))
+                outputs.extend(self._emit(seq, result))
             except Exception as e:  # noqa: BLE001 - one sequence's fault ends its request only
                 outputs.extend(self._failed_outputs({seq.request_id: _describe(e)}))
                 failed[seq.request_id] = _describe(e)
         self._count_failed_step(batch, failed)
+        return outputs
+
+    def _has_room_for_drafts(self) -> bool:
+        """Drafts take cache blocks for a step: never at the price of a preemption."""
+        block_size = self.scheduler.block_manager.block_size
+        num_tokens = self.speculator.config.num_speculative_tokens + 1
+        num_needed = len(self.scheduler.running) * (num_tokens // block_size + 1)
+        return self.scheduler.block_manager.num_free_blocks > num_needed
+
+    def _emit(self, seq: Sequence, result: SampleResult) -> list[SeqOutput]:
+        """The step's tokens for `seq`: its kept draft tokens if it had a draft (each counted
+        as computed once emitted), then its next token."""
+        verdict = self._verdicts.pop(seq.seq_id, None)
+        if verdict is None:
+            return [self._append_token(seq, result)]
+        outputs = []
+        for token_id in verdict.kept:
+            outputs.append(self._append_token(seq, SampleResult(token_id)))
+            if seq.is_finished:
+                return outputs
+            seq.num_computed_tokens += 1  # its KV is the one this step wrote
+            self.scheduler.block_manager.cache_full_blocks(seq)
+        if verdict.next_token is not None:  # the model parted from the draft there
+            result = SampleResult(verdict.next_token)
+        outputs.append(self._append_token(seq, result))
         return outputs
 
     def _count_prompt_tokens(self, batch: ScheduledBatch) -> None:
@@ -147,6 +182,8 @@ class EngineCore:
         return step.logits, step.sample_seqs, {}
 
     def _after_step(self, batch: ScheduledBatch, step: StepOutput) -> None:
+        if self.speculator is not None:
+            self._verdicts.update(self.speculator.verify(batch, step.draft_choices))
         self.scheduler.update_after_step(batch)
         for seq, entries in step.prompt_logprobs:
             seq.prompt_logprobs.extend(entries)

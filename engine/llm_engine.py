@@ -130,7 +130,7 @@ class LLMEngine:
         if is_cpu_pending:
             threading.Thread(target=self._load_cpu_kernels, name="cpu-kernels", daemon=True).start()
         self.core = EngineCore(self.scheduler, self.runner, Sampler(self.eos_token_ids),
-                               self.eos_token_ids, self.max_model_len)
+                               self.eos_token_ids, self.max_model_len, config.speculative)
         self.input_processor = InputProcessor(self.tokenizer, InputLimits(
             self.model_config.vocab_size, self.max_model_len, config.block_size,
             self.cache_config.num_blocks,
@@ -292,7 +292,7 @@ class LLMEngine:
         return self.core.num_prompt_tokens_computed
 
     def stats(self) -> dict[str, float]:
-        bm = self.block_manager
+        bm, speculator = self.block_manager, self.core.speculator
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -304,6 +304,8 @@ class LLMEngine:
             "prompt_tokens": self.core.num_prompt_tokens_computed,
             "generation_tokens": self.core.num_generation_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
+            "spec_decode_draft_tokens": speculator.num_draft_tokens if speculator else 0,
+            "spec_decode_accepted_tokens": speculator.num_accepted_tokens if speculator else 0,
             "compiled_decode_ready": self.runner.compiled_decode is not None
             and self.runner.compiled_decode.is_ready.is_set(),
         }

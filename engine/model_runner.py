@@ -10,7 +10,7 @@ import logging
 import math
 import mmap
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +47,8 @@ class StepOutput:
     sample_seqs: list[Sequence]
     # New prompt logprobs of the sequences that asked (entries as the sampler's logprobs).
     prompt_logprobs: list[tuple[Sequence, list[dict]]]
+    # Seq id -> the model's greedy token at each of its draft's positions (engine/speculative.py)
+    draft_choices: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,7 +59,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [num_sampling] rows whose logits are sampled
+    # [num_sampling + num_draft] rows whose logits are taken: one per sampling sequence, then
+    # the rows that score draft tokens
+    sample_indices: torch.Tensor
     prompt_row_ranges: list[tuple[int, int]]  # (first row, rows) scored for prompt logprobs
 
 
@@ -149,12 +153,26 @@ class ModelRunner:
         compiled = self._compiled_decode(batch)
         if compiled is not None:
             return compiled
-        inputs, sample_seqs, prompt_rows = self._prepare(batch)
+        inputs, sample_seqs, prompt_rows, draft_seqs = self._prepare(batch)
         self.tp.broadcast(inputs)  # to the other ranks' worker loops (no-op on one rank)
-        sample_logits, prompt_logits = self.forward(inputs)
-        prompt_logprobs = [(r.seq, self._prompt_logprobs(logits, r))
-                           for r, logits in zip(prompt_rows, prompt_logits, strict=True)]
-        return StepOutput(sample_logits.float(), sample_seqs, prompt_logprobs)
+        logits, prompt_logits = self.forward(inputs)
+        prompt_logprobs = [(r.seq, self._prompt_logprobs(rows_logits, r))
+                           for r, rows_logits in zip(prompt_rows, prompt_logits, strict=True)]
+        num_sampling = len(sample_seqs)
+        return StepOutput(logits[:num_sampling].float(), sample_seqs, prompt_logprobs,
+                          self._draft_choices(logits[num_sampling:], draft_seqs))
+
+    @staticmethod
+    def _draft_choices(logits: torch.Tensor, draft_seqs: list[Sequence]) -> dict[int, list[int]]:
+        """Each drafting sequence's greedy token at its draft's positions (rows in order)."""
+        if not draft_seqs:
+            return {}
+        choices = logits.argmax(dim=-1).tolist()
+        result, row = {}, 0
+        for seq in draft_seqs:
+            result[seq.seq_id] = choices[row : row + seq.num_draft_tokens]
+            row += seq.num_draft_tokens
+        return result
 
     def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The logits of the sampling rows [num_sampling, vocab] and of each prompt-logprob
@@ -230,6 +248,8 @@ class ModelRunner:
         sample_indices: list[int] = []
         sample_seqs: list[Sequence] = []
         prompt_rows: list[_PromptRows] = []
+        draft_indices: list[int] = []
+        draft_seqs: list[Sequence] = []
         for seq, num_new in decodes + prefills:
             start = seq.num_computed_tokens
             end = start + num_new
@@ -247,6 +267,10 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sample_indices.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
+                if seq.num_draft_tokens:  # the rows before the last score the draft's tokens
+                    last = len(input_ids) - 1
+                    draft_indices.extend(range(last - seq.num_draft_tokens, last))
+                    draft_seqs.append(seq)
         q_lens = [n for _, n in prefills]
         context_lens = [s.num_computed_tokens + n for s, n in prefills]
         decode_context_lens = [s.num_computed_tokens + 1 for s, _ in decodes]
@@ -265,10 +289,10 @@ class ModelRunner:
         )
         inputs = StepInputs(
             self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-            self._tensor(sample_indices, torch.int64),
+            self._tensor(sample_indices + draft_indices, torch.int64),
             [(r.first_row, r.num_rows) for r in prompt_rows],
         )
-        return inputs, sample_seqs, prompt_rows
+        return inputs, sample_seqs, prompt_rows, draft_seqs
 
     def _block_tables(self, seqs: list[Sequence], context_lens: list[int]) -> torch.Tensor:
         """[num_seqs, max_blocks] of the blocks covering each context, padded with -1."""

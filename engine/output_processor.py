@@ -115,6 +115,8 @@ class OutputProcessor:
         if out.error is not None:
             self._fail(state, out.error)
             return False
+        if seq.finish_reason is not None:  # a stop string ended it earlier in this step's tokens
+            return False
         if state.metrics.first_scheduled_time is None:
             state.metrics.first_scheduled_time = out.first_scheduled_time
             state.num_cached_tokens = out.num_cached_tokens

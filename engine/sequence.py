@@ -47,6 +47,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks
     num_computed_tokens: int = 0
+    num_draft_tokens: int = 0  # the last tokens are a draft to score (engine_core.py), not its own
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first admission)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None

@@ -115,6 +115,10 @@ class _EngineCollector:
             "llm_prompt_tokens": ("Prompt tokens computed.", "prompt_tokens"),
             "llm_generation_tokens": ("Tokens generated.", "generation_tokens"),
             "llm_num_preemptions": ("Sequences preempted.", "num_preemptions"),
+            "llm_spec_decode_num_draft_tokens": ("Draft tokens scored (--speculative-config).",
+                                                 "spec_decode_draft_tokens"),
+            "llm_spec_decode_num_accepted_tokens": ("Draft tokens kept.",
+                                                    "spec_decode_accepted_tokens"),
         }
         for name, (doc, key) in counters.items():
             counter = CounterMetricFamily(name, doc)

@@ -9,10 +9,12 @@ real environment in; everything else receives the frozen settings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpeculativeConfig
 
 ENV_PREFIX = "SM_LLM_"
 DEFAULT_MODEL_DIR = "/opt/ml/model"
@@ -115,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU: weights read as int8 (per group of 32, llama.cpp's Q8_0) or int4 (Q4_1; the "
         "output head int8) by the small-batch kernels, where a step streams every weight: a "
         "quarter or a sixth of fp32's bytes; oneDNN's larger batches use their dequantized values")
+    add("--speculative-config", default=None, metavar="JSON",
+        help='speculative decoding by prompt lookup, as vLLM\'s flag: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 3}\' (optional "prompt_lookup_min", '
+        '"max_num_seqs": drafts only while at most that many sequences run, default 4). Greedy '
+        "requests get the same tokens, several a step where the text repeats itself")
     add("--tensor-parallel-size", type=int, default=1,
         help="split the model across this many ranks (worker processes on this host; gloo on "
         "the CPU, NCCL on GPUs)")
@@ -205,6 +212,7 @@ def parse_settings(
             verify_weights=args.verify_weights, compile_decode=args.compile_decode,
             quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
             distributed_executor_backend=args.distributed_executor_backend,
+            speculative=_speculative_config(args.speculative_config),
         )
         server = ServerSettings(
             host=args.host, port=port,
@@ -224,6 +232,22 @@ def parse_settings(
     except ValueError as e:
         raise SettingsError(str(e)) from e
     return server, engine
+
+
+def _speculative_config(text: str | None) -> SpeculativeConfig | None:
+    if not text:
+        return None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"--speculative-config is not JSON: {e}") from e
+    if not isinstance(fields, dict):
+        raise SettingsError("--speculative-config must be a JSON object")
+    known = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+    if unknown := sorted(set(fields) - known):
+        raise SettingsError(f"--speculative-config: unknown field(s) {unknown}; known: "
+                            f"{sorted(known)}")
+    return SpeculativeConfig(**fields)  # a bad value: ValueError, reported as a SettingsError
 
 
 def _int_env(environ: Mapping[str, str], name: str) -> int | None:

@@ -12,7 +12,7 @@ import threading
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import EngineConfig
+from engine import EngineConfig, SpeculativeConfig
 from tests.handler.server import serve
 
 
@@ -87,3 +87,17 @@ def test_metrics_have_the_kv_blocks_and_preemptions(tiny_llama_dir):
     assert m[("llm_kv_cache_free_blocks", ())] == 12
     assert m[("llm_num_preemptions_total", ())] > 0  # 4 x 10 blocks cannot fit in 12
     assert m[("llm_model_load_phase", (("phase", "ready"),))] == 1
+
+
+def test_metrics_count_draft_tokens_scored_and_kept(tiny_llama_dir):
+    speculative = SpeculativeConfig(num_speculative_tokens=4)
+    with serve(EngineConfig(model=tiny_llama_dir, speculative=speculative)) as server:
+        body = {"prompt": [7, 8, 9] * 20, "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert answer.json()["choices"][0]["text"] is not None
+        server.wait_idle()
+        m = _samples(server.url)
+        speculator = server.state.loader.engine.core.speculator
+    assert m[("llm_spec_decode_num_draft_tokens_total", ())] == speculator.num_draft_tokens > 0
+    assert (m[("llm_spec_decode_num_accepted_tokens_total", ())]
+            == speculator.num_accepted_tokens)

@@ -24,6 +24,16 @@ def test_environment_maps_to_flags_and_flags_win():
     assert parse_settings(["--model", "default"], {})[1].model == ""
 
 
+def test_speculative_config_as_vllm_takes_it():
+    flag = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}'
+    _, engine = parse_settings(["--speculative-config", flag], {})
+    assert (engine.speculative.num_speculative_tokens, engine.speculative.prompt_lookup_max,
+            engine.speculative.prompt_lookup_min) == (5, 4, 1)
+    _, engine = parse_settings([], {"SM_LLM_SPECULATIVE_CONFIG": '{"max_num_seqs": 2}'})
+    assert engine.speculative.max_num_seqs == 2
+    assert parse_settings([], {})[1].speculative is None
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "named"),
     [
@@ -34,6 +44,11 @@ def test_environment_maps_to_flags_and_flags_win():
         (["--port", "70000"], {}, "--port"),
         (["--bogus"], {}, "--bogus"),
         ([], {"SAGEMAKER_BIND_TO_PORT": "http"}, "SAGEMAKER_BIND_TO_PORT"),
+        (["--speculative-config", '{"method": "eagle"}'], {}, "method"),
+        (["--speculative-config", "ngram"], {}, "--speculative-config is not JSON"),
+        (["--speculative-config", '{"num_speculative_tokens": "4"}'], {},
+         "num_speculative_tokens"),
+        ([], {"SM_LLM_SPECULATIVE_CONFIG": '{"k": 4}'}, r"unknown field\(s\) \['k'\]"),
     ],
 )
 def test_bad_settings_fail_naming_them(argv, env, named):
