@@ -228,10 +228,18 @@ def gguf_of(llama_bin: Path, kind: str) -> Path:
     return target
 
 
+# llama-server's own prompt lookup, sized as ours (NGRAM_CONFIG): 3-token lookup, 4-token drafts
+LLAMA_NGRAM = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+               "--spec-ngram-simple-size-m", "4"]
+
+
 def llama_server(llama_bin: Path, kind: str, threads: int) -> tuple[list[str], str, dict]:
+    """`kind`: a GGUF type (F32, BF16, Q8_0, Q4_1), "+ngram" for speculative decoding."""
+    kind, *options = kind.split("+")
     cmd = [str(llama_bin / "llama-server"), "-m", str(gguf_of(llama_bin, kind)), "--host",
            "127.0.0.1", "--port", "{port}", "-np", "32", "-cb", "-no-kvu", "-t", str(threads),
-           "-c", str(32 * (PROMPT_TOKENS + NEW_TOKENS + 16)), "--no-warmup"]
+           "-c", str(32 * (PROMPT_TOKENS + NEW_TOKENS + 16)), "--no-warmup",
+           *(LLAMA_NGRAM if "ngram" in options else [])]
     return cmd, "/health", {"LD_LIBRARY_PATH": str(llama_bin)}
 
 

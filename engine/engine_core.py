@@ -1,9 +1,10 @@
 """The engine core, as vLLM v1 splits it: schedule, run the model, sample, check stops.
 
-Token ids in, token ids out: no text. Each step returns one `SeqOutput` per sequence that sampled
-(or failed). A fault while processing one sequence (the forward of a batch that holds it, its
-sampling, its stop checks) ends that request with an error and frees its blocks; the others go on
-with unchanged tokens. Only a step in which every sequence fails, several times in a row, is
+Token ids in, token ids out: no text. Each step returns one `SeqOutput` per token of each sequence
+that sampled (several where it kept a draft: engine/speculative.py), or one per sequence that
+failed. A fault while processing one sequence (the forward of a batch that holds it, its sampling,
+its stop checks) ends that request with an error and frees its blocks; the others go on with
+unchanged tokens. Only a step in which every sequence fails, several times in a row, is
 taken for a broken engine and raised (the caller then reports the engine dead).
 """
 
@@ -109,10 +110,13 @@ class EngineCore:
         if self.speculator is not None and self._has_room_for_drafts():
             self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
+        step_kind = None  # for the speculator's policy: drafted or plain (engine/speculative.py)
         if self.speculator is not None:
             self.speculator.drop_unscheduled(batch)
+            step_kind = self.speculator.step_kind(batch)
         if batch.is_empty:
             return []
+        started = time.perf_counter()
         self._count_prompt_tokens(batch)
         logits, sample_seqs, failed = self._execute(batch)
         results, failed_sampling = self._sample(logits, sample_seqs)
@@ -127,6 +131,9 @@ class EngineCore:
                 outputs.extend(self._failed_outputs({seq.request_id: _describe(e)}))
                 failed[seq.request_id] = _describe(e)
         self._count_failed_step(batch, failed)
+        if step_kind is not None:
+            num_tokens = sum(1 for o in outputs if o.token_id is not None)
+            self.speculator.policy.record(step_kind, num_tokens, time.perf_counter() - started)
         return outputs
 
     def _has_room_for_drafts(self) -> bool:

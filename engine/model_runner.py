@@ -240,8 +240,11 @@ class ModelRunner:
 
     def _prepare(self, batch: ScheduledBatch):
         pairs = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
-        decodes = [(s, n) for s, n in pairs if n == 1]
-        prefills = [(s, n) for s, n in pairs if n > 1]
+        # A drafted sequence's 1 + k tokens run as k + 1 decode rows over its own blocks, each
+        # attending up to its position (the step stores every row's KV before any attends): the
+        # decode kernels and the C++ decoder stack serve them, as they serve one-token steps.
+        decodes = [(s, n) for s, n in pairs if n == 1 + s.num_draft_tokens]
+        prefills = [(s, n) for s, n in pairs if n != 1 + s.num_draft_tokens]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -273,14 +276,15 @@ class ModelRunner:
                     draft_seqs.append(seq)
         q_lens = [n for _, n in prefills]
         context_lens = [s.num_computed_tokens + n for s, n in prefills]
-        decode_context_lens = [s.num_computed_tokens + 1 for s, _ in decodes]
+        decode_context_lens = [s.num_computed_tokens + 1 + i for s, n in decodes for i in range(n)]
+        decode_row_seqs = [s for s, n in decodes for _ in range(n)]
         cu_seqlens = [0]
         for n in q_lens:
             cu_seqlens.append(cu_seqlens[-1] + n)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=self._block_tables([s for s, _ in decodes], decode_context_lens),
+            num_decode_tokens=len(decode_row_seqs),
+            decode_block_tables=self._block_tables(decode_row_seqs, decode_context_lens),
             decode_context_lens=self._tensor(decode_context_lens, torch.int32),
             prefill_cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
             prefill_context_lens=self._tensor(context_lens, torch.int32),

@@ -26,6 +26,22 @@ def test_propose_ngram_takes_the_longest_latest_match():
     assert propose_ngram([5, 5], 4, 1, 3) == [5]  # what follows the match, as far as it goes
 
 
+def test_policy_drafts_while_drafted_steps_yield_more_and_looks_again_now_and_then():
+    policy = speculative.DraftPolicy(explore_every=4)
+    assert not policy.should_draft()  # a plain step is measured first
+    policy.record(False, 1, 0.020)  # 50 tok/s plain
+    assert policy.should_draft()  # then a drafted one
+    policy.record(True, 3, 0.030)  # 100 tok/s drafted
+    decisions = [policy.should_draft() for _ in range(8)]
+    assert decisions == [True, True, True, False] * 2  # a plain step every 4th
+    for _ in range(20):  # drafts stop being kept: drafted steps now yield 33 tok/s
+        policy.record(True, 1, 0.030)
+    decisions = [policy.should_draft() for _ in range(8)]
+    assert decisions == [False, False, False, True] * 2
+    policy.record(True, 0, 0.0)  # a step that emitted nothing teaches nothing
+    assert policy.drafted_tok_s == pytest.approx(1 / 0.030, rel=0.01)
+
+
 def _repetitive_prompts() -> list[list[int]]:
     """Prompts whose tokens recur, so that prompt lookup finds drafts; and plain random ones."""
     patterns = random_prompts(4, 3, 6, seed=5)
@@ -67,6 +83,7 @@ def oracle(monkeypatch, tiny_llama_dir):
         return expected
 
     monkeypatch.setattr(speculative, "propose_ngram", propose)
+    monkeypatch.setattr(speculative.DraftPolicy, "should_draft", lambda self: True)
     return expect, settings
 
 
