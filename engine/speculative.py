@@ -2,9 +2,9 @@
 
 Pure Python. Before the step, a greedy sequence that decodes gets a draft: the tokens that
 followed the latest earlier occurrence of its last few tokens (`propose_ngram`), appended to its
-tokens so that the scheduler schedules them with its own (a chunk of 1 + k tokens, as a chunked
-prefill is). The step returns the model's greedy choice at each draft position; the longest
-agreeing prefix of the draft is kept, then the model's own next token: exactly the tokens the
+tokens so that the scheduler schedules them with its own (1 + k tokens, which the model runner
+runs as 1 + k decode rows). The step returns the model's greedy choice at each draft position;
+the longest agreeing prefix of the draft is kept, then the model's own next token: the tokens the
 sequence would have chosen one step at a time. A step that streams every weight once (a few
 sequences on the CPU) then yields several tokens wherever the text repeats itself.
 
@@ -51,9 +51,9 @@ class Verdict:
 @dataclass
 class DraftPolicy:
     """Whether drafting pays, here: a drafted step is dearer than a plain one (1 + k rows through
-    the model, the chunked-prefill path instead of the one-token decode kernels), so it pays only
-    where enough of its drafts are kept, which depends on the text, the weights' type and the
-    machine (on Zen 3 at one sequence: fp32 36 -> 55 tok/s, int4 95 -> 73). The engine reports
+    the model instead of one), so it pays only where enough of its drafts are kept, which depends
+    on the text, the weights' type and the machine (on Zen 3 at one sequence, when drafted steps
+    still ran as chunked prefills: fp32 36 -> 55 tok/s, int4 95 -> 73). The engine reports
     the tokens each decode step yielded and its time; drafting goes on while drafted steps yield
     more tokens a second than plain ones, and every `explore_every` steps the other kind runs
     once, so that both figures stay current."""
