@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, SpeculativeConfig, speculative
 from engine.engine_core import EngineFaultError
 from tests.tiny_models import random_prompts
 
@@ -62,7 +62,7 @@ def _fault_in_sampling(llm, monkeypatch):
     real = core.sampler
 
     def sampler(logits, seqs):
-        if any(s.request_id == VICTIM and s.num_output_tokens == 2 for s in seqs):
+        if any(s.request_id == VICTIM and s.num_output_tokens >= 2 for s in seqs):
             raise RuntimeError("injected fault in sampling")
         return real(logits, seqs)
 
@@ -104,9 +104,27 @@ def _fault_in_detokenizer(llm, monkeypatch):
     monkeypatch.setattr(processor, "add_request", add_request)
 
 
-@pytest.mark.parametrize("inject", [_fault_in_forward, _fault_in_sampling, _fault_in_stop_check,
-                                    _fault_in_detokenizer])
+FAULTS = [_fault_in_forward, _fault_in_sampling, _fault_in_stop_check, _fault_in_detokenizer]
+
+
+@pytest.mark.parametrize("inject", FAULTS)
 def test_a_fault_in_one_request_leaves_the_others_exact(llm, monkeypatch, inject):
+    _check_fault_isolation(llm, monkeypatch, inject)
+
+
+@pytest.mark.parametrize("inject", FAULTS)
+def test_a_fault_while_drafting_leaves_the_others_exact(tiny_llama_dir, monkeypatch, inject):
+    """The same with speculative decoding drafting for every sequence at every step."""
+    llm = LLM(tiny_llama_dir,
+              speculative=SpeculativeConfig(num_speculative_tokens=3, max_num_seqs=8))
+    monkeypatch.setattr(speculative.DraftPolicy, "should_draft", lambda self: True)
+    monkeypatch.setattr(speculative, "propose_ngram",  # the last tokens again, as a draft
+                        lambda tokens, max_draft, *_: tokens[-max_draft:] if max_draft else [])
+    _check_fault_isolation(llm, monkeypatch, inject)
+    assert llm.engine.core.speculator.num_draft_tokens > 0
+
+
+def _check_fault_isolation(llm: LLM, monkeypatch, inject) -> None:
     solo = {rid: _solo(llm, p) for rid, p in _prompts().items() if rid != VICTIM}
     inject(llm, monkeypatch)
     finished = _run_batch(llm)
