@@ -20,7 +20,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Speculative decoding by prompt lookup (vLLM's `--speculative-config '{"method": "ngram",
-    ...}'`, engine/ngram_proposer.py): up to `num_speculative_tokens` draft tokens a step for
+    ...}'`, engine/speculative.py): up to `num_speculative_tokens` draft tokens a step for
     each greedy sequence, while at most `max_num_seqs` sequences run (a larger batch is bound by
     arithmetic, where scoring drafts costs what it saves)."""
 

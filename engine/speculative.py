@@ -123,6 +123,8 @@ class Speculator:
 
     def drop_unscheduled(self, batch: ScheduledBatch) -> None:
         """Take back the drafts the step does not score whole (a budget cut, a preemption)."""
+        if not self._drafted:  # the common step: nothing to look up
+            return
         num_new = {seq.seq_id: (i, n) for i, (seq, n) in
                    enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))}
         for seq in self._drafted:
@@ -169,8 +171,8 @@ class Speculator:
         return any(seq.num_draft_tokens for seq in batch.seqs)
 
     def _take_back(self, seq: Sequence) -> list[int]:
-        num_draft = seq.num_draft_tokens
-        draft = seq.token_ids[len(seq.token_ids) - num_draft :]
-        del seq.token_ids[len(seq.token_ids) - num_draft :]
+        first = len(seq.token_ids) - seq.num_draft_tokens
+        draft = seq.token_ids[first:]
+        del seq.token_ids[first:]
         seq.num_draft_tokens = 0
         return draft
