@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.layers.quantization import dequantize_int4, dequantize_int8
+from engine.layers.quantization import dequantize_int4, dequantize_int8, quantize_rows_int8
 
 
 def store_kv_reference(
@@ -184,4 +184,22 @@ def _int16_x_linear_reference(
     y = F.linear(x_rounded.reshape(x.shape), weight)
     if bias is not None:
         y = y + bias.double()
+    return y.to(x.dtype)
+
+
+def w8a8_linear_reference(
+    x: torch.Tensor,  # [rows, in], in groups of 32
+    qweight: torch.Tensor,  # int8 [out, in]
+    scale: torch.Tensor,  # fp32 [out, in / 32]
+    bias: torch.Tensor | None,  # [out], x's dtype
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """x rounded to int8 per group of 32 (`quantize_rows_int8`) times the dequantized int8
+    weights, in `compute_dtype`, rounded once to x's dtype: in fp64 what `llm_cpu::w8a8_linear`
+    computes up to its fp32 sums (each group's integer dot is exact in both)."""
+    q, x_scale = quantize_rows_int8(x)
+    x_rounded = q.to(compute_dtype).reshape(*x_scale.shape, -1) * x_scale[:, :, None]
+    y = F.linear(x_rounded.reshape(x.shape), dequantize_int8(qweight, scale, compute_dtype))
+    if bias is not None:
+        y = y + bias.to(compute_dtype)
     return y.to(x.dtype)

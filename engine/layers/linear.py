@@ -21,12 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu_ops
+from engine.kernels.reference import w8a8_linear_reference
 from engine.layers.quantization import (
     GROUP_SIZE,
+    can_pack_w8a8,
     dequantize_int4,
     dequantize_int8,
+    pack_w8a8,
     quantize_int4,
     quantize_int8,
+    unpack_w8a8,
 )
 from engine.malloc import release_free_memory
 from engine.weights.huge_pages import move_to_huge_pages
@@ -43,15 +47,16 @@ PACK_ROWS_HINT = 32
 # 62 / 72 at 16, 124 / 123 at 32; int8 19 / 55 at 8, 90 / 123 at 32, 139 / 163 at 64:
 # oneDNN's fp32 GEMM reads the weights at 8-10 GB/s there, where the kernels stream them at
 # ~17. int4 (AVX2, same day): 126.7 / 125.6 at 32 rows, 233 / 217 at 64.
+# w8a8's kernel serves every row count (it has no oneDNN path): its limit is the decoder stack's.
 SMALL_BATCH_ROWS = {
-    "AVX512": {"plain": 4, "int8": 16, "int4": 16},
-    "AVX2": {"plain": 16, "int8": 64, "int4": 32},
+    "AVX512": {"plain": 4, "int8": 16, "int4": 16, "w8a8": 1 << 20},
+    "AVX2": {"plain": 16, "int8": 64, "int4": 32, "w8a8": 1 << 20},
 }
 
 
 def max_small_batch_rows(quantization: str | None) -> int:
     """The most rows of x that the small-batch kernels take on this CPU for weights quantized
-    so ("int8", "int4", None: plain); oneDNN above."""
+    so ("int8", "int4", "w8a8", None: plain); oneDNN above."""
     rows = SMALL_BATCH_ROWS.get(cpu_ops.capability(), SMALL_BATCH_ROWS["AVX512"])
     return rows[quantization or "plain"]
 
@@ -68,7 +73,9 @@ class PackedLinear(nn.Module):
     """`F.linear(x, weight, bias)` for 2-D `x`: oneDNN's packed weight, or the plain one through
     the small-batch kernel at a few rows. `quantization` "int8" or "int4": the small-batch kernel
     reads quantized weights (engine/layers/quantization.py) and oneDNN their dequantized values
-    (int4 falls back to int8 for rows not in whole groups of 32)."""
+    (int4 falls back to int8 for rows not in whole groups of 32). "w8a8": int8 weights and
+    activations through `llm_cpu::w8a8_linear` at every row count, no oneDNN (int8 for shapes
+    not in whole tiles of 16 rows)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  quantization: str | None = None):
@@ -79,9 +86,14 @@ class PackedLinear(nn.Module):
         self.weight_scale = None
         if quantization == "int4" and self.in_features % GROUP_SIZE != 0:
             quantization = "int8"  # int4 takes whole groups of 32 only
+        if quantization == "w8a8" and not can_pack_w8a8(self.out_features, self.in_features):
+            quantization = "int8"
         self.quantization = quantization
         self.max_small_batch_rows = max_small_batch_rows(quantization)
-        if quantization == "int4":
+        if quantization == "w8a8":  # [tiles, in / 4, 16, 4] uint8 and [tiles, in / 32, 16] fp32
+            self.weight, self.weight_scale = pack_w8a8(*quantize_int8(weight))
+            weight = None  # nothing for oneDNN
+        elif quantization == "int4":
             packed, self.weight_scale = quantize_int4(weight)
             weight, self.weight = dequantize_int4(packed, self.weight_scale, weight.dtype), packed
         elif quantization is not None:
@@ -106,6 +118,8 @@ class PackedLinear(nn.Module):
             self.unpacked_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantization == "w8a8":
+            return self._w8a8(x)
         if x.shape[0] <= self.max_small_batch_rows and cpu_ops.is_loaded():
             if self.quantization == "int4":
                 return torch.ops.llm_cpu.int4_small_batch_linear(
@@ -118,6 +132,13 @@ class PackedLinear(nn.Module):
         if packed is None:
             return F.linear(x, unpacked, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_ops.is_loaded():
+            return torch.ops.llm_cpu.w8a8_linear(x, self.weight, self.weight_scale, self.bias)
+        # Until the kernels are built (a first start): the same rounding through fp32 matmuls.
+        qweight, scale = unpack_w8a8(self.weight, self.weight_scale)
+        return w8a8_linear_reference(x, qweight, scale, self.bias, torch.float32)
 
     def extra_repr(self) -> str:
         quantized = f", {self.quantization}" if self.quantization else ""

@@ -1,4 +1,4 @@
-"""Weight-only quantization for the CPU (`--quantization int8` or `int4`).
+"""Quantization for the CPU (`--quantization int8`, `int4` or `w8a8`).
 
 int8: each group of 32 consecutive weights of a row gets one fp32 scale, its largest magnitude
 over 127, and is rounded to int8 (symmetric, as llama.cpp's Q8_0; no zero points, no calibration
@@ -6,7 +6,13 @@ data). int4: llama.cpp's Q4_1 (below). At a few rows a decode step streams every
 the small-batch kernels (`llm_cpu::int8_small_batch_linear`, `int4_small_batch_linear`) read
 ~28% and ~16% of fp32's bytes. Larger batches are compute-bound and stay on oneDNN, which is
 given the dequantized weights: every path computes with the same rounded weights, so a
-sequence's tokens do not depend on the batch it shares."""
+sequence's tokens do not depend on the batch it shares.
+
+w8a8: int8's weights, laid out for VNNI (`pack_w8a8`), and each linear's input rounded to int8
+per group of 32 as well (`quantize_rows_int8`): llama.cpp's Q8_0 x Q8_0 arithmetic, by
+`llm_cpu::w8a8_linear` at every row count, so here too a sequence's tokens do not depend on its
+batch. Rounding x per token instead of per group was measured unusable on SmolLM2 (no greedy
+completion of 16 identical to fp32's): its activations have outliers."""
 
 from __future__ import annotations
 
@@ -28,6 +34,46 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = groups.abs().amax(dim=2).clamp_min(torch.finfo(torch.float32).tiny) / 127
     qweight = torch.round(groups / scale[:, :, None]).clamp_(-127, 127).to(torch.int8)
     return qweight.reshape(num_rows, in_features), scale
+
+
+def pack_w8a8(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8`'s output laid out for `llm_cpu::w8a8_linear` (gemm_w8a8.cpp): tiles of 16
+    output rows, uint8 [tiles, in / 4, 16, 4] holding q + 128 (VNNI multiplies unsigned by signed
+    bytes), and the fp32 scales as [tiles, in / 32, 16]."""
+    num_rows, in_features = qweight.shape
+    if not can_pack_w8a8(num_rows, in_features):
+        raise ValueError(f"w8a8 needs whole tiles of 16 rows in whole groups of {GROUP_SIZE}, "
+                         f"got [{num_rows}, {in_features}]")
+    unsigned = (qweight.to(torch.int16) + 128).to(torch.uint8)
+    packed = unsigned.reshape(-1, 16, in_features // 4, 4).transpose(1, 2)  # [tiles, in/4, 16, 4]
+    packed_scale = scale.reshape(-1, 16, scale.shape[1]).transpose(1, 2)  # [tiles, groups, 16]
+    return packed.contiguous(), packed_scale.contiguous()
+
+
+def unpack_w8a8(packed: torch.Tensor, packed_scale: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_w8a8`'s inverse: (int8 [out, in], fp32 scale [out, in / 32])."""
+    num_tiles, num_quads = packed.shape[:2]
+    unsigned = packed.transpose(1, 2).reshape(num_tiles * 16, num_quads * 4)
+    qweight = (unsigned.to(torch.int16) - 128).to(torch.int8)
+    return qweight, packed_scale.transpose(1, 2).reshape(num_tiles * 16, -1)
+
+
+def can_pack_w8a8(out_features: int, in_features: int) -> bool:
+    return out_features % 16 == 0 and in_features % GROUP_SIZE == 0
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, in] -> (int8 [rows, in], fp32 scale [rows, in / 32]): each group of 32 of a row
+    rounded to int8 against its largest magnitude (x ~ q * scale), as w8a8 rounds activations."""
+    num_rows, in_features = x.shape
+    groups = x.float().reshape(num_rows, -1, GROUP_SIZE)  # [rows, groups, 32]
+    amax = groups.abs().amax(dim=2)
+    # 127 / amax as one division (a Python number over a tensor is 127 times its reciprocal in
+    # torch, a rounding apart): the kernel's own, so values at a tie round alike
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    q = torch.round(groups * inverse[:, :, None]).to(torch.int8)
+    return q.reshape(num_rows, in_features), amax / 127
 
 
 def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The decoder layers as one C++ call for decode steps of 1-4 sequences
+"""The decoder layers as one C++ call for decode steps of a few sequences (as many as the
+small-batch kernels take; w8a8's kernel takes any number)
 (`torch.classes.llm_cpu.DecoderStack`, engine/kernels/cpu/decoder_stack.cpp).
 
 There a step streams every weight through the small-batch kernels, and the Python around them

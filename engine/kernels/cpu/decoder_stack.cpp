@@ -1,4 +1,4 @@
-// Every decoder layer of a Llama-family model for one decode step of 1-4 sequences, in one call.
+// Every decoder layer of a Llama-family model for one decode step of a few sequences, in one call.
 //
 // There the step streams the weights through the small-batch kernels, and the ~30 Python-level
 // calls each layer made around them (module calls, views, the ops) were a third of the step. This
@@ -23,7 +23,8 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// A linear layer as the small-batch kernels take it: plain, or int8 or int4 with scales per group.
+// A linear layer as the small-batch kernels take it: plain, or int8, int4 or w8a8 with scales per
+// group.
 struct Linear {
   at::Tensor weight;
   OptionalTensor scale;
@@ -37,8 +38,12 @@ struct Linear {
                                            const OptionalTensor&)>("llm_cpu::int8_small_batch_linear");
     static const auto int4 = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const OptionalTensor&)>("llm_cpu::int4_small_batch_linear");
+    static const auto w8a8 = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const OptionalTensor&)>("llm_cpu::w8a8_linear");
     if (!scale.has_value()) return plain.call(x, weight, bias);
-    // int4: two weights a byte (uint8), its scale the steps and minimums; int8: one scale
+    // w8a8: packed in tiles, 4-D; int4: two weights a byte (uint8), its scale the steps and
+    // minimums; int8: one scale
+    if (weight.dim() == 4) return w8a8.call(x, weight, *scale, bias);
     return weight.scalar_type() == at::kByte ? int4.call(x, weight, *scale, bias)
                                              : int8.call(x, weight, *scale, bias);
   }

@@ -59,3 +59,29 @@ def test_before_and_after_packing_equal_f_linear(dtype, quantization, num_rows):
     torch.testing.assert_close(after.float(), expected, rtol=tolerance, atol=tolerance)
     layer.pack()  # a second call changes nothing
     torch.testing.assert_close(layer(x), after, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 5, 130])
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_w8a8_layer_equals_its_reference_at_every_row_count(dtype, num_rows, with_kernels,
+                                                          monkeypatch):
+    """With the kernels (any rows, no oneDNN) and before they are built (fp32 matmuls)."""
+    torch.manual_seed(num_rows)
+    weight, bias = torch.randn(96, 128, dtype=dtype), torch.randn(96, dtype=dtype)
+    x = torch.randn(num_rows, 128, dtype=dtype)
+    layer = PackedLinear(weight, bias, "w8a8")
+    assert layer.weight.shape == (6, 32, 16, 4) and layer.unpacked_weight is None
+    if not with_kernels:
+        monkeypatch.setattr(cpu_ops, "is_loaded", lambda: False)
+    expected = reference.w8a8_linear_reference(x, *quantize_int8(weight), bias).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance)
+    layer.pack()  # nothing for oneDNN
+    assert layer.packed_weight is None
+    torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_w8a8_falls_back_to_int8_where_its_tiles_do_not_fit():
+    assert PackedLinear(torch.randn(20, 64), None, "w8a8").quantization == "int8"
+    assert PackedLinear(torch.randn(32, 40), None, "w8a8").quantization == "int8"

@@ -1,7 +1,8 @@
 """int8 and int4 weights: the rounding is as small as the scales allow (int4 gives a Q4_1 file's
 weights back exactly), and the engine with quantized weights gives transformers' greedy tokens
 for the same model with those weights dequantized, through the small-batch kernels (a few
-sequences) and oneDNN (prefill, larger batches) alike."""
+sequences) and oneDNN (prefill, larger batches) alike; w8a8 with each linear's input rounded to
+int8 too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engine.layers.quantization import (
     dequantize_int8,
     quantize_int4,
     quantize_int8,
+    quantize_rows_int8,
 )
 from tests.tiny_models import hf_model_greedy, random_prompts
 
@@ -90,11 +92,22 @@ def _hf_with_quantized_weights(folder: str, quantization: str):
                     rounded = dequantize_int4(*quantize_int4(module.weight), torch.float32)
                 else:
                     rounded = dequantize_int8(*quantize_int8(module.weight), torch.float32)
+                if quantization == "w8a8":
+                    module.forward = _rounding_activations(module)
                 module.weight.copy_(rounded)
     return model
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def _rounding_activations(module: torch.nn.Linear):
+    """`module`'s forward with x rounded to int8 per group of 32 first, as w8a8 rounds it."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_rows_int8(x.reshape(-1, x.shape[-1]))
+        rounded = (q.float().reshape(*scale.shape, -1) * scale[:, :, None]).reshape(x.shape)
+        return torch.nn.functional.linear(rounded, module.weight, module.bias)
+    return forward
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4", "w8a8"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: a tied head and q/k/v biases
 def test_quantized_engine_matches_transformers_with_the_same_weights(
     tiny_model_dirs, kind, quantization
@@ -112,8 +125,9 @@ def test_quantized_engine_matches_transformers_with_the_same_weights(
     # every linear holds quantized weights for the kernel; the head int8 either way
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 2 * 4 + 1  # 2 layers of qkv, o, gate_up and down; the head
-    layer_dtype = torch.uint8 if quantization == "int4" else torch.int8
-    assert [m.weight.dtype for m in linears] == [layer_dtype] * 8 + [torch.int8]
+    layer_dtype = torch.int8 if quantization == "int8" else torch.uint8
+    head_dtype = torch.uint8 if quantization == "w8a8" else torch.int8
+    assert [m.weight.dtype for m in linears] == [layer_dtype] * 8 + [head_dtype]
     assert all(m.weight_scale is not None for m in linears)
 
 
