@@ -48,6 +48,29 @@ def test_decode_attention_matches_reference(dtype, group, head_dim, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+# 9: 18 query heads, more than the AVX-512 path takes in one task (the portable loop serves)
+@pytest.mark.parametrize("group", [1, 3, 9])
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_decode_attention_of_many_sequences_is_each_alone(dtype, group, head_dim):
+    """Sequences enough for a task per sequence (every KV head in one walk; fewer take a task
+    per KV head): the reference's output, and each sequence's own bit for bit."""
+    torch.manual_seed(group)
+    lens = [1, 15, 16, 17, 40, 100] * 3
+    k_cache, v_cache, tables = _paged_cache(lens, 16, head_dim, dtype)
+    query = torch.randn(len(lens), NUM_KV_HEADS * group, head_dim).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    attend = torch.ops.llm_cpu.paged_decode_attention
+    together = attend(query, k_cache, v_cache, tables, context_lens, 0.125)
+    expected = reference.paged_decode_attention_reference(
+        query.float(), k_cache.float(), v_cache.float(), tables, context_lens, 0.125)
+    assert _rel_error(together, expected) < TOLERANCE[dtype]
+    for i in range(len(lens)):
+        alone = attend(query[i:i + 1], k_cache, v_cache, tables[i:i + 1], context_lens[i:i + 1],
+                       0.125)
+        assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_store_kv_matches_reference(dtype, head_dim):
     k_cache, v_cache, _ = _paged_cache([48], 16, head_dim, dtype)
