@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels import cpu_ops
 from engine.sequence import Sequence
 
 
@@ -73,7 +74,7 @@ class Sampler:
                 logits[banned] = float("-inf")
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        token_ids = logits.argmax(dim=-1).tolist()
+        token_ids = cpu_ops.argmax_rows(logits).tolist()
         for row, seq in enumerate(seqs):
             if not seq.params.is_greedy:
                 probs = self._probs(logits[row], seq)

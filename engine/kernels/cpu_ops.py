@@ -133,6 +133,14 @@ def serves(x: torch.Tensor) -> bool:
     return _is_loaded and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` for [rows, n] logits: the C++ op where it serves (fp32 on the CPU; a
+    32-sequence step's [32, 49152] 1.1 -> ~0.1 ms), else torch's."""
+    if serves(x) and x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0:
+        return torch.ops.llm_cpu.argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
 def _die_with(parent_pid: int) -> None:
     """In the build's child (a session leader): when `parent_pid` ends, the build ends too.
     Linux's parent-death signal; elsewhere the build runs to its end."""

@@ -102,3 +102,20 @@ def test_fused_ops_refuse_bad_arguments():
                                            torch.randn(1, 1, 3), torch.randn(1, 1, 3))
     with pytest.raises(RuntimeError, match="2 \\* n"):
         torch.ops.llm_cpu.silu_and_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 32])
+def test_argmax_rows_is_torchs_argmax(num_rows):
+    """First index of the largest value, ties included; -inf rows (every token banned but one)."""
+    torch.manual_seed(num_rows)
+    x = torch.randn(num_rows, 1000)
+    x[0, 10] = x[0, 500] = 50.0  # a tie: the first wins
+    x[-1, :] = float("-inf")
+    x[-1, 999] = 0.0
+    assert torch.equal(cpu_ops.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(torch.ops.llm_cpu.argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_argmax_rows_of_nan_stays_in_range():
+    x = torch.full((2, 64), float("nan"))
+    assert all(0 <= i < 64 for i in torch.ops.llm_cpu.argmax_rows(x).tolist())
