@@ -88,18 +88,10 @@ QuantizedRows quantize_rows(const T* x, int64_t num_rows, int64_t k_size) {
   return rows;
 }
 
-template <typename T>
-void store_row(const float* sums, const T* bias, int64_t n0, int64_t count, T* out) {
-  for (int64_t c = 0; c < count; ++c) {
-    const float b = bias ? static_cast<float>(bias[n0 + c]) : 0.f;
-    out[n0 + c] = static_cast<T>(sums[c] + b);
-  }
-}
-
 // One tile of 16 columns for one row, an int at a time (CPUs without VNNI).
 template <typename T>
 void tile_scalar(const QuantizedRows& x, int64_t m, int64_t k_size, const uint8_t* w,
-                 const float* w_scale, const T* bias, int64_t n0, int64_t count, T* out) {
+                 const float* w_scale, const T* bias, int64_t n0, T* out) {
   const int64_t num_groups = k_size / small_batch::kGroup;
   float sums[kTile] = {};
   for (int64_t g = 0; g < num_groups; ++g) {
@@ -111,7 +103,8 @@ void tile_scalar(const QuantizedRows& x, int64_t m, int64_t k_size, const uint8_
       sums[c] += static_cast<float>(dot) * (w_scale[g * kTile + c] * x.scale[m * num_groups + g]);
     }
   }
-  store_row(sums, bias, n0, count, out);
+  for (int c = 0; c < kTile; ++c)
+    out[n0 + c] = static_cast<T>(sums[c] + (bias ? static_cast<float>(bias[n0 + c]) : 0.f));
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -240,10 +233,10 @@ void w8a8_gemm(const T* x, int64_t num_rows, const uint8_t* w, const float* w_sc
 #endif
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n0 = tile * kTile, count = std::min<int64_t>(kTile, n_size - n0);
+      const int64_t n0 = tile * kTile;
       for (int64_t m = 0; m < num_rows; ++m)
         tile_scalar(xq, m, k_size, w + tile * tile_bytes, w_scale + tile * tile_scales, bias, n0,
-                    count, y + m * n_size);
+                    y + m * n_size);
     }
   });
 }
