@@ -46,6 +46,9 @@ def test_nothing_collectable_is_frozen_by_a_load(tiny_llama_dir, tmp_path):
     from engine.weights.tensorize import tensorize
 
     tensorize(tiny_llama_dir, str(tmp_path / "tensorized"), "float32")
+    # The load freezes what exists when it starts: garbage earlier tests left uncollected would
+    # be frozen with it and show up below, though no load made it.
+    gc.collect()
     loader = BackgroundLoader(EngineConfig(str(tmp_path / "tensorized"), quantization="int8"))
     loader.start()
     assert loader.wait(120)
