@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--attention-backend", default=None, choices=["torch", "cpu"])
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4", "w8a8"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4", "w8a8", "w4a8"])
     parser.add_argument("--compile-decode", action="store_true",
                         help="time the compiled one-sequence step (waits for it to be built)")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("torch", "triton", "cpu")
-QUANTIZATIONS = ("int8", "int4", "w8a8")  # CPU; w8a8: activations in int8 too
+QUANTIZATIONS = ("int8", "int4", "w8a8", "w4a8")  # CPU; w8a8, w4a8: activations in int8 too
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -70,8 +70,8 @@ class EngineConfig:
     # CPU: build a compiled one-sequence decode step in the background (engine/compiled_decode.py)
     compile_decode: bool = False
     # Ranks the model is split across (engine/distributed/): worker processes on this host.
-    # CPU: "int8" or "int4" weights for the small-batch kernels, or "w8a8": int8 weights and
-    # activations at every batch size (layers/quantization.py)
+    # CPU: "int8" or "int4" weights for the small-batch kernels, or "w8a8" / "w4a8": int8 or
+    # int4 weights and int8 activations at every batch size (layers/quantization.py)
     quantization: str | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp": processes on this host; "ray": a cluster

@@ -203,3 +203,21 @@ def w8a8_linear_reference(
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y.to(x.dtype)
+
+
+def w4a8_linear_reference(
+    x: torch.Tensor,  # [rows, in], in groups of 32
+    packed: torch.Tensor,  # uint8 [out, in / 2], quantize_int4's
+    step_min: torch.Tensor,  # fp16 [2, out, in / 32]
+    bias: torch.Tensor | None,  # [out], x's dtype
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """x rounded to int8 per group of 32 (`quantize_rows_int8`) times the dequantized int4
+    weights, in `compute_dtype`, rounded once to x's dtype: in fp64 what `llm_cpu::w4a8_linear`
+    computes up to its fp32 sums."""
+    q, x_scale = quantize_rows_int8(x)
+    x_rounded = q.to(compute_dtype).reshape(*x_scale.shape, -1) * x_scale[:, :, None]
+    y = F.linear(x_rounded.reshape(x.shape), dequantize_int4(packed, step_min, compute_dtype))
+    if bias is not None:
+        y = y + bias.to(compute_dtype)
+    return y.to(x.dtype)

@@ -21,15 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu_ops
-from engine.kernels.reference import w8a8_linear_reference
+from engine.kernels.reference import w4a8_linear_reference, w8a8_linear_reference
 from engine.layers.quantization import (
     GROUP_SIZE,
     can_pack_w8a8,
     dequantize_int4,
     dequantize_int8,
+    pack_w4a8,
     pack_w8a8,
     quantize_int4,
     quantize_int8,
+    unpack_w4a8,
     unpack_w8a8,
 )
 from engine.malloc import release_free_memory
@@ -47,16 +49,19 @@ PACK_ROWS_HINT = 32
 # 62 / 72 at 16, 124 / 123 at 32; int8 19 / 55 at 8, 90 / 123 at 32, 139 / 163 at 64:
 # oneDNN's fp32 GEMM reads the weights at 8-10 GB/s there, where the kernels stream them at
 # ~17. int4 (AVX2, same day): 126.7 / 125.6 at 32 rows, 233 / 217 at 64.
-# w8a8's kernel serves every row count (it has no oneDNN path): its limit is the decoder stack's.
+# w8a8's and w4a8's kernels serve every row count (no oneDNN path): their limit is the decoder
+# stack's.
 SMALL_BATCH_ROWS = {
-    "AVX512": {"plain": 4, "int8": 16, "int4": 16, "w8a8": 1 << 20},
-    "AVX2": {"plain": 16, "int8": 64, "int4": 32, "w8a8": 1 << 20},
+    "AVX512": {"plain": 4, "int8": 16, "int4": 16, "w8a8": 1 << 20, "w4a8": 1 << 20},
+    "AVX2": {"plain": 16, "int8": 64, "int4": 32, "w8a8": 1 << 20, "w4a8": 1 << 20},
 }
+# int8 and activations at every row count, no oneDNN: `llm_cpu::w8a8_linear`, `w4a8_linear`
+INT8_ACTIVATIONS = ("w8a8", "w4a8")
 
 
 def max_small_batch_rows(quantization: str | None) -> int:
     """The most rows of x that the small-batch kernels take on this CPU for weights quantized
-    so ("int8", "int4", "w8a8", None: plain); oneDNN above."""
+    so ("int8", "int4", "w8a8", "w4a8", None: plain); oneDNN above."""
     rows = SMALL_BATCH_ROWS.get(cpu_ops.capability(), SMALL_BATCH_ROWS["AVX512"])
     return rows[quantization or "plain"]
 
@@ -75,7 +80,7 @@ class PackedLinear(nn.Module):
     reads quantized weights (engine/layers/quantization.py) and oneDNN their dequantized values
     (int4 falls back to int8 for rows not in whole groups of 32). "w8a8": int8 weights and
     activations through `llm_cpu::w8a8_linear` at every row count, no oneDNN (int8 for shapes
-    not in whole tiles of 16 rows)."""
+    not in whole tiles of 16 rows); "w4a8" the same with int4's weights (`w4a8_linear`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  quantization: str | None = None):
@@ -86,13 +91,17 @@ class PackedLinear(nn.Module):
         self.weight_scale = None
         if quantization == "int4" and self.in_features % GROUP_SIZE != 0:
             quantization = "int8"  # int4 takes whole groups of 32 only
-        if quantization == "w8a8" and not can_pack_w8a8(self.out_features, self.in_features):
+        if quantization in INT8_ACTIVATIONS and not can_pack_w8a8(self.out_features,
+                                                                  self.in_features):
             quantization = "int8"
         self.quantization = quantization
         self.max_small_batch_rows = max_small_batch_rows(quantization)
         if quantization == "w8a8":  # [tiles, in / 4, 16, 4] uint8 and [tiles, in / 32, 16] fp32
             self.weight, self.weight_scale = pack_w8a8(*quantize_int8(weight))
             weight = None  # nothing for oneDNN
+        elif quantization == "w4a8":  # [tiles, in / 32, 4, 16, 4] uint8, [tiles, in / 32, 2, 16]
+            self.weight, self.weight_scale = pack_w4a8(*quantize_int4(weight))
+            weight = None
         elif quantization == "int4":
             packed, self.weight_scale = quantize_int4(weight)
             weight, self.weight = dequantize_int4(packed, self.weight_scale, weight.dtype), packed
@@ -118,8 +127,8 @@ class PackedLinear(nn.Module):
             self.unpacked_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantization == "w8a8":
-            return self._w8a8(x)
+        if self.quantization in INT8_ACTIVATIONS:
+            return self._int8_activations(x)
         if x.shape[0] <= self.max_small_batch_rows and cpu_ops.is_loaded():
             if self.quantization == "int4":
                 return torch.ops.llm_cpu.int4_small_batch_linear(
@@ -133,12 +142,15 @@ class PackedLinear(nn.Module):
             return F.linear(x, unpacked, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
-    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+    def _int8_activations(self, x: torch.Tensor) -> torch.Tensor:
+        is_w4 = self.quantization == "w4a8"
         if cpu_ops.is_loaded():
-            return torch.ops.llm_cpu.w8a8_linear(x, self.weight, self.weight_scale, self.bias)
+            kernel = torch.ops.llm_cpu.w4a8_linear if is_w4 else torch.ops.llm_cpu.w8a8_linear
+            return kernel(x, self.weight, self.weight_scale, self.bias)
         # Until the kernels are built (a first start): the same rounding through fp32 matmuls.
-        qweight, scale = unpack_w8a8(self.weight, self.weight_scale)
-        return w8a8_linear_reference(x, qweight, scale, self.bias, torch.float32)
+        unpack, reference = ((unpack_w4a8, w4a8_linear_reference) if is_w4
+                             else (unpack_w8a8, w8a8_linear_reference))
+        return reference(x, *unpack(self.weight, self.weight_scale), self.bias, torch.float32)
 
     def extra_repr(self) -> str:
         quantized = f", {self.quantization}" if self.quantization else ""
@@ -149,10 +161,10 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module, quantization: str | None = None) -> int:
     """Replace every `nn.Linear` of `model` by a `PackedLinear` (quantized for the small-batch
     kernel when `quantization` says so), to be packed by `pack_and_move`; return how many. A tied
-    output head gets its own packed copy of the embedding. With int4 the output head is int8, as
-    llama.cpp's 4-bit files keep it (the embedded SmolLM2's is Q8_0): the logits are where 4 bits
-    cost the most."""
-    head_quantization = "int8" if quantization == "int4" else quantization
+    output head gets its own packed copy of the embedding. With int4 the output head is int8 (and
+    w8a8 with w4a8), as llama.cpp's 4-bit files keep it (the embedded SmolLM2's is Q8_0): the
+    logits are where 4 bits cost the most."""
+    head_quantization = {"int4": "int8", "w4a8": "w8a8"}.get(quantization, quantization)
     num_packed = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -1,4 +1,4 @@
-"""Quantization for the CPU (`--quantization int8`, `int4` or `w8a8`).
+"""Quantization for the CPU (`--quantization int8`, `int4`, `w8a8` or `w4a8`).
 
 int8: each group of 32 consecutive weights of a row gets one fp32 scale, its largest magnitude
 over 127, and is rounded to int8 (symmetric, as llama.cpp's Q8_0; no zero points, no calibration
@@ -12,7 +12,9 @@ w8a8: int8's weights, laid out for VNNI (`pack_w8a8`), and each linear's input r
 per group of 32 as well (`quantize_rows_int8`): llama.cpp's Q8_0 x Q8_0 arithmetic, by
 `llm_cpu::w8a8_linear` at every row count, so here too a sequence's tokens do not depend on its
 batch. Rounding x per token instead of per group was measured unusable on SmolLM2 (no greedy
-completion of 16 identical to fp32's): its activations have outliers."""
+completion of 16 identical to fp32's): its activations have outliers. w4a8: int4's weights (the
+embedded Q4_1 file's own), laid out for VNNI (`pack_w4a8`), times x rounded as w8a8 rounds it:
+llama.cpp's Q4_1 x Q8_1, by `llm_cpu::w4a8_linear`; half w8a8's bytes a step."""
 
 from __future__ import annotations
 
@@ -116,3 +118,39 @@ def dequantize_int4(
     step, minimum = step_min.float()
     values = minimum[:, :, None] + step[:, :, None] * q
     return values.reshape(num_rows, half_in * 2).to(dtype)
+
+
+def pack_w4a8(packed: torch.Tensor, step_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int4`'s output laid out for `llm_cpu::w4a8_linear` (gemm_w4a8.cpp): tiles of 16
+    output rows, uint8 [tiles, in / 32, 4, 16, 4] where the i-th 64 bytes of a group hold each
+    row's weights 4i..4i+3 in their low nibbles and 16+4i.. in their high ones, and the steps and
+    minimums as fp16 [tiles, in / 32, 2, 16]."""
+    num_rows, half_in = packed.shape
+    if not can_pack_w8a8(num_rows, half_in * 2):
+        raise ValueError(f"w4a8 needs whole tiles of 16 rows in whole groups of {GROUP_SIZE}, "
+                         f"got [{num_rows}, {half_in * 2}]")
+    q = _int4_values(packed)  # [out, in], 0..15
+    q = q.reshape(-1, 16, half_in // 16, 2, 4, 4)  # [tiles, 16, groups, nibble, i, j]
+    paired = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [tiles, 16, groups, i, j]
+    tiles = paired.permute(0, 2, 3, 1, 4)  # [tiles, groups, i, 16, j]
+    scales = step_min.reshape(2, -1, 16, step_min.shape[2]).permute(1, 3, 0, 2)
+    return tiles.contiguous(), scales.contiguous()  # scales: [tiles, groups, 2, 16]
+
+
+def unpack_w4a8(packed: torch.Tensor, packed_scale: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_w4a8`'s inverse: `quantize_int4`'s (uint8 [out, in / 2], fp16 [2, out, in / 32])."""
+    num_tiles, num_groups = packed.shape[:2]
+    paired = packed.permute(0, 3, 1, 2, 4)  # [tiles, 16, groups, i, j]
+    q = torch.stack([paired & 15, paired >> 4], dim=3)  # [tiles, 16, groups, nibble, i, j]
+    q = q.reshape(num_tiles * 16, num_groups, 2, 16)  # [out, groups, nibble, 16]
+    int4 = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(num_tiles * 16, num_groups * 16)
+    step_min = packed_scale.permute(2, 0, 3, 1).reshape(2, num_tiles * 16, num_groups)
+    return int4, step_min
+
+
+def _int4_values(packed: torch.Tensor) -> torch.Tensor:
+    """`quantize_int4`'s bytes -> each weight's q, uint8 [out, in] in 0..15."""
+    num_rows, half_in = packed.shape
+    nibbles = packed.reshape(num_rows, -1, 16)  # [out, groups, 16]
+    return torch.cat([nibbles & 15, nibbles >> 4], dim=2).reshape(num_rows, half_in * 2)

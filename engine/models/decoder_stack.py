@@ -1,5 +1,5 @@
 """The decoder layers as one C++ call for decode steps of a few sequences (as many as the
-small-batch kernels take; w8a8's kernel takes any number)
+small-batch kernels take; w8a8's and w4a8's kernels take any number)
 (`torch.classes.llm_cpu.DecoderStack`, engine/kernels/cpu/decoder_stack.cpp).
 
 There a step streams every weight through the small-batch kernels, and the Python around them

@@ -23,8 +23,8 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// A linear layer as the small-batch kernels take it: plain, or int8, int4 or w8a8 with scales per
-// group.
+// A linear layer as the small-batch kernels take it: plain, or int8, int4, w8a8 or w4a8 with
+// scales per group.
 struct Linear {
   at::Tensor weight;
   OptionalTensor scale;
@@ -40,10 +40,13 @@ struct Linear {
                                            const OptionalTensor&)>("llm_cpu::int4_small_batch_linear");
     static const auto w8a8 = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const OptionalTensor&)>("llm_cpu::w8a8_linear");
+    static const auto w4a8 = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const OptionalTensor&)>("llm_cpu::w4a8_linear");
     if (!scale.has_value()) return plain.call(x, weight, bias);
-    // w8a8: packed in tiles, 4-D; int4: two weights a byte (uint8), its scale the steps and
-    // minimums; int8: one scale
+    // w8a8: packed in tiles, 4-D; w4a8: 5-D; int4: two weights a byte (uint8), its scale the
+    // steps and minimums; int8: one scale
     if (weight.dim() == 4) return w8a8.call(x, weight, *scale, bias);
+    if (weight.dim() == 5) return w4a8.call(x, weight, *scale, bias);
     return weight.scalar_type() == at::kByte ? int4.call(x, weight, *scale, bias)
                                              : int8.call(x, weight, *scale, bias);
   }

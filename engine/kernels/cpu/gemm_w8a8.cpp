@@ -10,83 +10,18 @@
 // unsigned, so the weights are stored plus 128 (0..254) and each group's sum of x times 128 is
 // taken off: sum((w + 128) x) - 128 sum(x) = sum(w x), exactly.
 //
-// Weights packed by engine/layers/quantization.py's `pack_w8a8`: tiles of 16 output columns, [tiles, K / 4, 16, 4] uint8, so one 64-byte load holds 4 consecutive k of 16 columns,
-// and the scales as [tiles, K / 32, 16]. Without VNNI the same integers and the same order of the
+// Weights packed by engine/layers/quantization.py's `pack_w8a8`: tiles of 16 output columns,
+// [tiles, K / 4, 16, 4] uint8, so one 64-byte load holds 4 consecutive k of 16 columns, and the
+// scales as [tiles, K / 32, 16]. Without VNNI the same integers and the same order of the
 // fp32 sums are computed one at a time: a correct path, not a fast one.
 
-#include <cstring>
-
-#include "small_batch.h"
+#include "int8_rows.h"
 
 namespace {
 
-constexpr int kTile = 16;  // output columns in a packed tile: one zmm of int32 sums
+using int8_rows::kTile;
+using int8_rows::QuantizedRows;
 constexpr int kQuads = small_batch::kGroup / 4;  // 4-byte steps in a group
-
-// x's rows rounded to int8 per group of 32: q [rows, K], each group's scale (amax / 127) and
-// -128 times the sum of its q (the correction for the weights' +128).
-struct QuantizedRows {
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-  std::vector<int32_t> correction;
-};
-
-// One group of 32 values of x: q = nearbyint(x * (127 / amax)), as quantize_rows_int8 rounds
-// them; its scale (amax / 127) and -128 times the sum of its q. Without -ffast-math, which would
-// compute (x * 127) / amax: a value a hair from a tie rounds the other way and moves an output by
-// up to 1%.
-__attribute__((optimize("no-fast-math"))) inline void quantize_group(const float* values,
-                                                                     int8_t* q, float* scale,
-                                                                     int32_t* correction) {
-  float amax = 0.f;
-  for (int k = 0; k < small_batch::kGroup; ++k) amax = std::max(amax, std::abs(values[k]));
-  const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-  int32_t total = 0;
-  for (int k = 0; k < small_batch::kGroup; ++k) {
-    q[k] = static_cast<int8_t>(std::nearbyint(values[k] * inverse));
-    total += q[k];
-  }
-  *scale = amax / 127.f;
-  *correction = -128 * total;
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
-// The same with AVX-512: the same IEEE products, rounded to nearest even by the conversion.
-__attribute__((target("avx512f,avx512bw"))) inline void quantize_group_avx512(
-    const float* values, int8_t* q, float* scale, int32_t* correction) {
-  const __m512 low = _mm512_loadu_ps(values), high = _mm512_loadu_ps(values + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
-  const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-  const __m512 inv = _mm512_set1_ps(inverse);
-  const __m512i q_low = _mm512_cvtps_epi32(_mm512_mul_ps(low, inv));
-  const __m512i q_high = _mm512_cvtps_epi32(_mm512_mul_ps(high, inv));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q_low));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q_high));
-  *scale = amax / 127.f;
-  *correction = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q_low, q_high));
-}
-#endif
-
-template <typename T>
-QuantizedRows quantize_rows(const T* x, int64_t num_rows, int64_t k_size) {
-  const int64_t num_groups = k_size / small_batch::kGroup;
-  QuantizedRows rows{std::vector<int8_t>(num_rows * k_size),
-                     std::vector<float>(num_rows * num_groups),
-                     std::vector<int32_t>(num_rows * num_groups)};
-  at::parallel_for(0, num_rows * num_groups, 256, [&](int64_t begin, int64_t end) {
-    float values[small_batch::kGroup];
-    for (int64_t i = begin; i < end; ++i) {  // i: one group of one row
-      const int64_t first = i * small_batch::kGroup;
-      for (int k = 0; k < small_batch::kGroup; ++k) values[k] = static_cast<float>(x[first + k]);
-#if defined(CPU_CAPABILITY_AVX512)
-      quantize_group_avx512(values, rows.q.data() + first, &rows.scale[i], &rows.correction[i]);
-#else
-      quantize_group(values, rows.q.data() + first, &rows.scale[i], &rows.correction[i]);
-#endif
-    }
-  });
-  return rows;
-}
 
 // One tile of 16 columns for one row, an int at a time (CPUs without VNNI).
 template <typename T>
@@ -97,7 +32,7 @@ void tile_scalar(const QuantizedRows& x, int64_t m, int64_t k_size, const uint8_
   for (int64_t g = 0; g < num_groups; ++g) {
     const int8_t* xg = x.q.data() + m * k_size + g * small_batch::kGroup;
     for (int c = 0; c < kTile; ++c) {
-      int32_t dot = x.correction[m * num_groups + g];
+      int32_t dot = -128 * x.sum[m * num_groups + g];
       for (int k = 0; k < small_batch::kGroup; ++k)
         dot += static_cast<int32_t>(w[((g * kQuads + k / 4) * kTile + c) * 4 + k % 4]) * xg[k];
       sums[c] += static_cast<float>(dot) * (w_scale[g * kTile + c] * x.scale[m * num_groups + g]);
@@ -108,35 +43,6 @@ void tile_scalar(const QuantizedRows& x, int64_t m, int64_t k_size, const uint8_
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// out[0..16) = v (+ bias), rounded to T as c10 rounds (to nearest even; bf16's NaN 0x7FC0). A
-// scalar loop here took a fifth of the output head's time at 32 rows.
-template <typename T>
-__attribute__((target("avx512f,avx512bw"))) inline void store16(__m512 v, const T* bias, T* out) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
-    _mm512_storeu_ps(out, v);
-    return;
-  } else {
-    if (bias) {
-      alignas(64) float values[kTile];
-      for (int i = 0; i < kTile; ++i) values[i] = static_cast<float>(bias[i]);
-      v = _mm512_add_ps(v, _mm512_load_ps(values));
-    }
-    __m256i half;
-    if constexpr (std::is_same_v<T, c10::Half>) {
-      half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    } else {
-      const __m512i bits = _mm512_castps_si512(v);
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-      half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-      const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      half = _mm256_mask_mov_epi16(half, is_nan, _mm256_set1_epi16(0x7fc0));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), half);
-  }
-}
-
 // MR rows of x against NR tiles of 16 columns: MR x NR int32 sums per group and MR x NR fp32
 // totals in registers (4 x 3: 24 of the 32 zmm); each 64-byte weight load serves MR rows.
 template <int MR, int NR, typename T>
@@ -151,7 +57,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
   for (int64_t g = 0; g < num_groups; ++g) {
     __m512i dot[MR][NR];
     for (int m = 0; m < MR; ++m) {
-      const __m512i start = _mm512_set1_epi32(x.correction[(m0 + m) * num_groups + g]);
+      const __m512i start = _mm512_set1_epi32(-128 * x.sum[(m0 + m) * num_groups + g]);
       for (int j = 0; j < NR; ++j) dot[m][j] = start;
     }
     const uint8_t* wg = w + g * small_batch::kGroup * kTile;
@@ -178,55 +84,28 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
   for (int m = 0; m < MR; ++m) {
     for (int j = 0; j < NR; ++j) {
       const int64_t first = n0 + j * kTile;
-      store16(total[m][j], bias ? bias + first : nullptr, out + (m0 + m) * out_stride + first);
+      int8_rows::store16(total[m][j], bias ? bias + first : nullptr,
+                         out + (m0 + m) * out_stride + first);
     }
   }
 }
 
-template <int NR, typename T>
-void tiles_vnni(const QuantizedRows& x, int64_t num_rows, int64_t k_size, const uint8_t* w,
-                const float* w_scale, const T* bias, int64_t n0, T* out, int64_t out_stride) {
-  constexpr int kRows = 4;
-  int64_t m0 = 0;
-  for (; m0 + kRows <= num_rows; m0 += kRows)
-    tile_vnni<kRows, NR>(x, m0, k_size, w, w_scale, bias, n0, out, out_stride);
-  switch (num_rows - m0) {
-    case 3: tile_vnni<3, NR>(x, m0, k_size, w, w_scale, bias, n0, out, out_stride); break;
-    case 2: tile_vnni<2, NR>(x, m0, k_size, w, w_scale, bias, n0, out, out_stride); break;
-    case 1: tile_vnni<1, NR>(x, m0, k_size, w, w_scale, bias, n0, out, out_stride); break;
-    default: break;
-  }
-}
-
-bool has_vnni() {
-  static const bool found = __builtin_cpu_supports("avx512vnni");
-  return found;
-}
 #endif
 
 template <typename T>
 void w8a8_gemm(const T* x, int64_t num_rows, const uint8_t* w, const float* w_scale, const T* bias,
                int64_t k_size, int64_t n_size, T* y) {
-  const QuantizedRows xq = quantize_rows(x, num_rows, k_size);
+  const QuantizedRows xq = int8_rows::quantize_rows(x, num_rows, k_size);
   const int64_t num_groups = k_size / small_batch::kGroup;
   const int64_t num_tiles = (n_size + kTile - 1) / kTile;
   const int64_t tile_bytes = k_size * kTile, tile_scales = num_groups * kTile;
 #if defined(CPU_CAPABILITY_AVX512)
-  if (has_vnni()) {
-    constexpr int kTilesPerTask = 3;  // NR: 48 columns
-    const int64_t num_tasks = (num_tiles + kTilesPerTask - 1) / kTilesPerTask;
-    at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t tile = task * kTilesPerTask;
-        const int64_t n0 = tile * kTile;
-        const uint8_t* wt = w + tile * tile_bytes;
-        const float* st = w_scale + tile * tile_scales;
-        switch (std::min<int64_t>(kTilesPerTask, num_tiles - tile)) {
-          case 3: tiles_vnni<3>(xq, num_rows, k_size, wt, st, bias, n0, y, n_size); break;
-          case 2: tiles_vnni<2>(xq, num_rows, k_size, wt, st, bias, n0, y, n_size); break;
-          default: tiles_vnni<1>(xq, num_rows, k_size, wt, st, bias, n0, y, n_size);
-        }
-      }
+  if (int8_rows::has_vnni()) {
+    // 4 rows x 3 tiles (48 columns): 24 of the 32 zmm hold sums
+    int8_rows::parallel_blocks<3>(num_rows, num_tiles, [&](auto rows, auto tiles, int64_t m0,
+                                                          int64_t tile) {
+      tile_vnni<rows(), tiles()>(xq, m0, k_size, w + tile * tile_bytes,
+                                 w_scale + tile * tile_scales, bias, tile * kTile, y, n_size);
     });
     return;
   }
@@ -272,7 +151,7 @@ at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed,
 
 bool w8a8_has_vnni() {
 #if defined(CPU_CAPABILITY_AVX512)
-  return has_vnni();
+  return int8_rows::has_vnni();
 #else
   return false;
 #endif

@@ -39,20 +39,22 @@ void parallel_rows(int64_t n_size, const Rows& rows) {
   });
 }
 
+// f(std::integral_constant<int, N>{}) for N = count (1..kMax), a compile-time constant.
+template <int kMax, typename F>
+void with_count(int64_t count, const F& f) {
+  if constexpr (kMax >= 1) {
+    if (count == kMax) {
+      f(std::integral_constant<int, kMax>{});
+    } else if (count < kMax) {
+      with_count<kMax - 1>(count, f);
+    }
+  }
+}
+
 // f(std::integral_constant<int, M>{}) for M = num_rows (1..kMaxRows), a compile-time constant.
 template <typename F>
 void with_rows(int64_t num_rows, const F& f) {
-  switch (num_rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: break;  // no rows
-  }
+  with_count<kMaxRows>(num_rows, f);
 }
 
 // Every row of x against every weight row: within a thread's share of the weight rows, tiles of

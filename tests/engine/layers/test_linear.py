@@ -82,6 +82,24 @@ def test_w8a8_layer_equals_its_reference_at_every_row_count(dtype, num_rows, wit
     torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance)
 
 
-def test_w8a8_falls_back_to_int8_where_its_tiles_do_not_fit():
-    assert PackedLinear(torch.randn(20, 64), None, "w8a8").quantization == "int8"
-    assert PackedLinear(torch.randn(32, 40), None, "w8a8").quantization == "int8"
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 5, 130])
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_w4a8_layer_equals_its_reference_at_every_row_count(dtype, num_rows, with_kernels,
+                                                          monkeypatch):
+    torch.manual_seed(num_rows)
+    weight, bias = torch.randn(96, 128, dtype=dtype), torch.randn(96, dtype=dtype)
+    x = torch.randn(num_rows, 128, dtype=dtype)
+    layer = PackedLinear(weight, bias, "w4a8")
+    assert layer.weight.shape == (6, 4, 4, 16, 4) and layer.unpacked_weight is None
+    if not with_kernels:
+        monkeypatch.setattr(cpu_ops, "is_loaded", lambda: False)
+    expected = reference.w4a8_linear_reference(x, *quantize_int4(weight), bias).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("quantization", ["w8a8", "w4a8"])
+def test_int8_activations_fall_back_to_int8_where_their_tiles_do_not_fit(quantization):
+    assert PackedLinear(torch.randn(20, 64), None, quantization).quantization == "int8"
+    assert PackedLinear(torch.randn(32, 40), None, quantization).quantization == "int8"

@@ -37,6 +37,7 @@ NATIVE_BF16 = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat1
     ("qwen2", "float32", "int8"), pytest.param("llama", "bfloat16", "int8", marks=NATIVE_BF16),
     ("qwen2", "float32", "int4"),  # int4 layers, an int8 head
     ("qwen2", "float32", "w8a8"), pytest.param("llama", "bfloat16", "w8a8", marks=NATIVE_BF16),
+    ("qwen2", "float32", "w4a8"), pytest.param("llama", "bfloat16", "w4a8", marks=NATIVE_BF16),
 ])
 @pytest.mark.parametrize("num_prompts", [1, 3, 6])
 def test_stack_equals_the_python_layers(tiny_model_dirs, kind, dtype, quantization,

@@ -1,0 +1,137 @@
+// What the kernels with int8 activations (gemm_w8a8.cpp, gemm_w4a8.cpp) share: x's rows rounded
+// to int8 per group of 32 as they enter, outputs stored 16 columns at a time, and whether the CPU
+// has AVX512-VNNI's byte dot product.
+
+#pragma once
+
+#include <cstring>
+
+#include "small_batch.h"
+
+namespace int8_rows {
+
+constexpr int kTile = 16;  // output columns in a packed tile: one zmm of int32 sums
+
+// x's rows rounded to int8 per group of 32: q [rows, K], each group's scale (amax / 127) and the
+// sum of its q (what the weights' offsets multiply: w8a8's +128, w4a8's minimums).
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> sum;
+};
+
+// One group of 32 values of x: q = nearbyint(x * (127 / amax)), as quantize_rows_int8 rounds
+// them; its scale (amax / 127) and the sum of its q. Without -ffast-math, which would
+// compute (x * 127) / amax: a value a hair from a tie rounds the other way and moves an output by
+// up to 1%.
+__attribute__((optimize("no-fast-math"))) inline void quantize_group(const float* values,
+                                                                     int8_t* q, float* scale,
+                                                                     int32_t* sum) {
+  float amax = 0.f;
+  for (int k = 0; k < small_batch::kGroup; ++k) amax = std::max(amax, std::abs(values[k]));
+  const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t total = 0;
+  for (int k = 0; k < small_batch::kGroup; ++k) {
+    q[k] = static_cast<int8_t>(std::nearbyint(values[k] * inverse));
+    total += q[k];
+  }
+  *scale = amax / 127.f;
+  *sum = total;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The same with AVX-512: the same IEEE products, rounded to nearest even by the conversion.
+__attribute__((target("avx512f,avx512bw"))) inline void quantize_group_avx512(
+    const float* values, int8_t* q, float* scale, int32_t* sum) {
+  const __m512 low = _mm512_loadu_ps(values), high = _mm512_loadu_ps(values + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+  const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+  const __m512 inv = _mm512_set1_ps(inverse);
+  const __m512i q_low = _mm512_cvtps_epi32(_mm512_mul_ps(low, inv));
+  const __m512i q_high = _mm512_cvtps_epi32(_mm512_mul_ps(high, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q_low));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q_high));
+  *scale = amax / 127.f;
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_low, q_high));
+}
+#endif
+
+template <typename T>
+QuantizedRows quantize_rows(const T* x, int64_t num_rows, int64_t k_size) {
+  const int64_t num_groups = k_size / small_batch::kGroup;
+  QuantizedRows rows{std::vector<int8_t>(num_rows * k_size),
+                     std::vector<float>(num_rows * num_groups),
+                     std::vector<int32_t>(num_rows * num_groups)};
+  at::parallel_for(0, num_rows * num_groups, 256, [&](int64_t begin, int64_t end) {
+    float values[small_batch::kGroup];
+    for (int64_t i = begin; i < end; ++i) {  // i: one group of one row
+      const int64_t first = i * small_batch::kGroup;
+      for (int k = 0; k < small_batch::kGroup; ++k) values[k] = static_cast<float>(x[first + k]);
+#if defined(CPU_CAPABILITY_AVX512)
+      quantize_group_avx512(values, rows.q.data() + first, &rows.scale[i], &rows.sum[i]);
+#else
+      quantize_group(values, rows.q.data() + first, &rows.scale[i], &rows.sum[i]);
+#endif
+    }
+  });
+  return rows;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// out[0..16) = v (+ bias), rounded to T as c10 rounds (to nearest even; bf16's NaN 0x7FC0). A
+// scalar loop here took a fifth of the output head's time at 32 rows.
+template <typename T>
+__attribute__((target("avx512f,avx512bw"))) inline void store16(__m512 v, const T* bias, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    _mm512_storeu_ps(out, v);
+    return;
+  } else {
+    if (bias) {
+      alignas(64) float values[kTile];
+      for (int i = 0; i < kTile; ++i) values[i] = static_cast<float>(bias[i]);
+      v = _mm512_add_ps(v, _mm512_load_ps(values));
+    }
+    __m256i half;
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+      half = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+      const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      half = _mm256_mask_mov_epi16(half, is_nan, _mm256_set1_epi16(0x7fc0));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), half);
+  }
+}
+
+inline bool has_vnni() {
+  static const bool found = __builtin_cpu_supports("avx512vnni");
+  return found;
+}
+#endif
+
+// block(rows, tiles, m0, tile): every block of up to 4 rows of x (from m0) against every run of up
+// to NR packed tiles (from `tile`), `rows()` and `tiles()` compile-time constants (a register
+// tile's shape); the runs of tiles split across threads, each run's weights read once per block.
+template <int NR, typename Block>
+void parallel_blocks(int64_t num_rows, int64_t num_tiles, const Block& block) {
+  constexpr int kRows = 4;
+  const int64_t num_tasks = (num_tiles + NR - 1) / NR;
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task * NR;
+      small_batch::with_count<NR>(std::min<int64_t>(NR, num_tiles - tile), [&](auto tiles) {
+        for (int64_t m0 = 0; m0 < num_rows; m0 += kRows) {
+          small_batch::with_count<kRows>(std::min<int64_t>(kRows, num_rows - m0), [&](auto rows) {
+            block(rows, tiles, m0, tile);
+          });
+        }
+      });
+    }
+  });
+}
+
+}  // namespace int8_rows
