@@ -153,3 +153,19 @@ def test_quantization_is_refused_where_it_cannot_apply():
         LLM("", quantization="int2")
     with pytest.raises(ValueError, match="not with quantization"):
         LLM("", quantization="int8", compile_decode=True)
+
+
+@pytest.mark.parametrize(("quantization", "has_vnni"), [("w4a8", False), ("w8a8", True)])
+def test_int8_activations_without_vnni_warn_once_the_kernels_load(
+    tiny_model_dirs, monkeypatch, caplog, quantization, has_vnni
+):
+    import logging
+
+    from engine.kernels import cpu_ops
+
+    llm = LLM(tiny_model_dirs["llama"], quantization=quantization)
+    assert cpu_ops.load()
+    monkeypatch.setattr(torch.ops.llm_cpu, "w8a8_has_vnni", lambda: has_vnni)
+    with caplog.at_level(logging.WARNING, logger="engine.llm_engine"):
+        llm.engine._load_cpu_kernels()
+    assert ("no AVX512-VNNI" in caplog.text) is not has_vnni
