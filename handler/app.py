@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import ModuleType
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,8 +35,7 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.start()
         # The routes that take requests, imported while /ping already answers.
-        threading.Thread(target=importlib.import_module, args=("handler.routes",),
-                         name="import-routes", daemon=True).start()
+        threading.Thread(target=_import_routes, name="import-routes", daemon=True).start()
         yield
         state.shutdown()
 
@@ -65,13 +67,36 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig,
     return app
 
 
+def _import_routes() -> None:
+    """`handler.routes` on a thread of its own, the GIL handed back every 0.2 ms meanwhile: at
+    the default 5 ms a /ping, which takes the GIL back after each of its ~10 system calls,
+    waited up to 5 ms each time and answered in 76-124 ms while pydantic built its models."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    try:
+        _routes_module()
+    finally:
+        sys.setswitchinterval(interval)
+
+
+_routes: ModuleType | None = None  # `handler.routes` once wholly imported
+
+
+def _routes_module() -> ModuleType:
+    global _routes
+    _routes = importlib.import_module("handler.routes")  # waits for another thread's import
+    return _routes
+
+
 def _deferred(name: str) -> Callable[[Request], Awaitable[Response]]:
     """The route `handler.routes.<name>`, imported when first asked for. The server then
     listens before pydantic and the request protocol are imported (0.11 s of a 0.4 s first /ping
     on Zen 3, 0.2 s of 0.6 s on Zen 1); the lifespan imports them in the background meanwhile."""
 
     async def endpoint(request: Request) -> Response:
-        routes = importlib.import_module("handler.routes")
+        # Still importing (the first requests of a start): waited for off the event loop, so
+        # /ping keeps answering meanwhile.
+        routes = _routes or await asyncio.to_thread(_routes_module)
         return await getattr(routes, name)(request)
 
     endpoint.__name__ = name

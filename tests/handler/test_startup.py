@@ -78,6 +78,36 @@ def test_the_server_answers_before_torch_or_the_request_protocol_is_imported():
     assert _modules_after("handler.routes", {"torch", "transformers"}) == []
 
 
+def test_a_request_while_the_routes_import_waits_off_the_event_loop(monkeypatch):
+    """The first requests of a start may come before the lifespan's import of the request
+    routes ends: they wait for it on a worker thread, and /ping keeps answering meanwhile (on
+    the event loop it would wait behind them: here, for good)."""
+    from handler import app as app_module
+
+    real_routes = app_module._routes_module
+    pinged, calls = threading.Event(), []
+
+    def slow_import():
+        calls.append(threading.current_thread().name)
+        assert pinged.wait(60), "/ping did not answer while the routes were importing"
+        return real_routes()
+
+    with serve(EngineConfig(model="", max_model_len=1024)) as server:
+        monkeypatch.setattr(app_module, "_routes", None)
+        monkeypatch.setattr(app_module, "_routes_module", slow_import)
+        waiting = {}
+        request = threading.Thread(target=lambda: waiting.setdefault(
+            "response", httpx.get(server.url + "/v1/models", timeout=60)))
+        request.start()
+        while not calls:  # the request is waiting for the import
+            threading.Event().wait(0.01)
+        assert httpx.get(server.url + "/ping", timeout=30).status_code == 200
+        pinged.set()
+        request.join(60)
+        assert waiting["response"].status_code == 200
+        assert waiting["response"].json()["data"][0]["id"]
+
+
 def test_failed_load_is_500_with_the_reason(tmp_path):
     missing = str(tmp_path / "no-model-here")
     with serve(EngineConfig(model=missing), wait_ready=False) as server:
