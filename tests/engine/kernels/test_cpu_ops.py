@@ -22,6 +22,7 @@ from tests.engine.kernels.test_kernels import (
     DTYPES,
     NUM_KV_HEADS,
     TOLERANCE,
+    _context_lens,
     _paged_cache,
     _rel_error,
     decode_case,
@@ -68,6 +69,35 @@ def test_decode_attention_of_many_sequences_is_each_alone(dtype, group, head_dim
         alone = attend(query[i:i + 1], k_cache, v_cache, tables[i:i + 1], context_lens[i:i + 1],
                        0.125)
         assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("is_long", [False, True])
+def test_cpu_backends_prefill_matches_reference(dtype, group, head_dim, block_size, is_long,
+                                                 monkeypatch):
+    """Prefill chunks through the decode kernel (a query per token, its context ending at
+    itself), and past `MAX_KERNEL_CONTEXT` through the reference: the reference's output."""
+    from engine.kernels import cpu_backend
+
+    if is_long:
+        monkeypatch.setattr(cpu_backend, "MAX_KERNEL_CONTEXT", 4)
+    context_lens = _context_lens(block_size)
+    # chunk lengths: a whole prompt, a chunk after a cached prefix, single tokens, a long chunk
+    q_lens = [block_size, 5, block_size + 1, 1, 2 * block_size + 3]
+    k_cache, v_cache, tables = _paged_cache(context_lens, block_size, head_dim, dtype)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    query = torch.randn(int(cu[-1]), NUM_KV_HEADS * group, head_dim).to(dtype)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    scale = head_dim**-0.5
+    expected = reference.paged_prefill_attention_reference(
+        query.float(), k_cache.float(), v_cache.float(), cu, lens, tables, scale)
+    actual = cpu_backend.CpuBackend().prefill(query, k_cache, v_cache, cu, lens, tables, scale,
+                                              max(q_lens))
+    assert actual.dtype == dtype and actual.shape == query.shape
+    assert _rel_error(actual, expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
