@@ -24,6 +24,11 @@ class CpuBackend(TorchBackend):
 
     name = "cpu"
 
+    def __init__(self):
+        # The last step's prefill metadata and its per-token tables and lengths, built once for
+        # all its layers (None: the contexts are too long for the kernel).
+        self._per_token: tuple[tuple, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         torch.ops.llm_cpu.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
@@ -39,15 +44,29 @@ class CpuBackend(TorchBackend):
         whose context ends at its own position, so the decode kernel serves it, reading the
         blocks in place (its chunk's keys are in the cache already). Long contexts stay on
         SDPA's flash kernel, faster there."""
-        if int(context_lens.max()) > MAX_KERNEL_CONTEXT:
+        key = (cu_seqlens_q, context_lens, block_tables)  # one step's: the same every layer
+        cached = self._per_token
+        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
+            self._per_token = (key, _per_token_contexts(cu_seqlens_q, context_lens, block_tables))
+        token_tables_lens = self._per_token[1]
+        if token_tables_lens is None:
             return super().prefill(query, k_cache, v_cache, cu_seqlens_q, context_lens,
                                    block_tables, scale, max_q_len)
-        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [num_prefills]
-        token_tables = block_tables.repeat_interleave(q_lens, dim=0)  # [num_tokens, max_blocks]
-        # a token's context: its chunk's cached prefix, then the chunk up to and with it
-        chunk_starts = (context_lens - q_lens).repeat_interleave(q_lens)
-        within_chunk = torch.arange(query.shape[0]) - cu_seqlens_q[:-1].repeat_interleave(q_lens)
-        token_lens = chunk_starts + within_chunk + 1
+        token_tables, token_lens = token_tables_lens
         return torch.ops.llm_cpu.paged_decode_attention(
             query, k_cache, v_cache, token_tables, token_lens, scale
         )
+
+
+def _per_token_contexts(cu_seqlens_q, context_lens, block_tables
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each prefill token's block table and context length (its chunk's cached prefix, then the
+    chunk up to and with it), or None where a context is longer than MAX_KERNEL_CONTEXT."""
+    if int(context_lens.max()) > MAX_KERNEL_CONTEXT:
+        return None
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [num_prefills]
+    token_tables = block_tables.repeat_interleave(q_lens, dim=0)  # [num_tokens, max_blocks]
+    chunk_starts = (context_lens - q_lens).repeat_interleave(q_lens)
+    num_tokens = int(cu_seqlens_q[-1])
+    within_chunk = torch.arange(num_tokens) - cu_seqlens_q[:-1].repeat_interleave(q_lens)
+    return token_tables, chunk_starts + within_chunk + 1

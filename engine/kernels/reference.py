@@ -197,9 +197,7 @@ def w8a8_linear_reference(
     """x rounded to int8 per group of 32 (`quantize_rows_int8`) times the dequantized int8
     weights, in `compute_dtype`, rounded once to x's dtype: in fp64 what `llm_cpu::w8a8_linear`
     computes up to its fp32 sums (each group's integer dot is exact in both)."""
-    q, x_scale = quantize_rows_int8(x)
-    x_rounded = q.to(compute_dtype).reshape(*x_scale.shape, -1) * x_scale[:, :, None]
-    y = F.linear(x_rounded.reshape(x.shape), dequantize_int8(qweight, scale, compute_dtype))
+    y = F.linear(_int8_rounded(x, compute_dtype), dequantize_int8(qweight, scale, compute_dtype))
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y.to(x.dtype)
@@ -215,9 +213,16 @@ def w4a8_linear_reference(
     """x rounded to int8 per group of 32 (`quantize_rows_int8`) times the dequantized int4
     weights, in `compute_dtype`, rounded once to x's dtype: in fp64 what `llm_cpu::w4a8_linear`
     computes up to its fp32 sums."""
-    q, x_scale = quantize_rows_int8(x)
-    x_rounded = q.to(compute_dtype).reshape(*x_scale.shape, -1) * x_scale[:, :, None]
-    y = F.linear(x_rounded.reshape(x.shape), dequantize_int4(packed, step_min, compute_dtype))
+    y = F.linear(_int8_rounded(x, compute_dtype),
+                 dequantize_int4(packed, step_min, compute_dtype))
     if bias is not None:
         y = y + bias.to(compute_dtype)
     return y.to(x.dtype)
+
+
+def _int8_rounded(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """x as w8a8 and w4a8 see it: each group of 32 of a row rounded to int8 (`quantize_rows_int8`),
+    in `compute_dtype`."""
+    q, x_scale = quantize_rows_int8(x)
+    x_rounded = q.to(compute_dtype).reshape(*x_scale.shape, -1) * x_scale[:, :, None]
+    return x_rounded.reshape(x.shape)

@@ -22,10 +22,10 @@ from tests.engine.kernels.test_kernels import (
     DTYPES,
     NUM_KV_HEADS,
     TOLERANCE,
-    _context_lens,
     _paged_cache,
     _rel_error,
     decode_case,
+    prefill_case,
 )
 from tests.polling import eventually
 
@@ -84,18 +84,10 @@ def test_cpu_backends_prefill_matches_reference(dtype, group, head_dim, block_si
 
     if is_long:
         monkeypatch.setattr(cpu_backend, "MAX_KERNEL_CONTEXT", 4)
-    context_lens = _context_lens(block_size)
-    # chunk lengths: a whole prompt, a chunk after a cached prefix, single tokens, a long chunk
-    q_lens = [block_size, 5, block_size + 1, 1, 2 * block_size + 3]
-    k_cache, v_cache, tables = _paged_cache(context_lens, block_size, head_dim, dtype)
-    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    query = torch.randn(int(cu[-1]), NUM_KV_HEADS * group, head_dim).to(dtype)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
-    scale = head_dim**-0.5
-    expected = reference.paged_prefill_attention_reference(
-        query.float(), k_cache.float(), v_cache.float(), cu, lens, tables, scale)
+    query, k_cache, v_cache, cu, lens, tables, scale, expected = prefill_case(
+        dtype, group, head_dim, block_size)
     actual = cpu_backend.CpuBackend().prefill(query, k_cache, v_cache, cu, lens, tables, scale,
-                                              max(q_lens))
+                                              int((cu[1:] - cu[:-1]).max()))
     assert actual.dtype == dtype and actual.shape == query.shape
     assert _rel_error(actual, expected) < TOLERANCE[dtype]
 

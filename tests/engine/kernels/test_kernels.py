@@ -96,13 +96,10 @@ def test_decode_attention_matches_reference(dtype, group, head_dim, block_size, 
     assert _rel_error(actual, expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("block_size", [16, 32])
-def test_prefill_attention_matches_reference(dtype, group, head_dim, block_size):
+def prefill_case(dtype, group: int, head_dim: int, block_size: int):
+    """Prefill inputs (query, caches, cu_seqlens, lens, tables, scale) and the fp32 reference's
+    output. Chunks: a whole prompt, one after a cached prefix, single tokens, a long one."""
     context_lens = _context_lens(block_size)
-    # chunk lengths: a whole prompt, a chunk after a cached prefix, single tokens, a long chunk
     q_lens = [block_size, 5, block_size + 1, 1, 2 * block_size + 3]
     k_cache, v_cache, tables = _paged_cache(context_lens, block_size, head_dim, dtype)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
@@ -111,6 +108,16 @@ def test_prefill_attention_matches_reference(dtype, group, head_dim, block_size)
     scale = head_dim**-0.5
     expected = reference.paged_prefill_attention_reference(
         query.float(), k_cache.float(), v_cache.float(), cu, lens, tables, scale)
+    return query, k_cache, v_cache, cu, lens, tables, scale, expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_attention_matches_reference(dtype, group, head_dim, block_size):
+    query, k_cache, v_cache, cu, lens, tables, scale, expected = prefill_case(
+        dtype, group, head_dim, block_size)
     actual = paged_prefill_attention(query, k_cache, v_cache, cu, lens, tables, scale,
                                      out=torch.full_like(query, float("nan")))
     assert _rel_error(actual, expected) < TOLERANCE[dtype]
