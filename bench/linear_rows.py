@@ -3,8 +3,8 @@
 SmolLM2-135M's linear layers (30 x qkv / o / gate-up / down + the LM head), random weights, the
 step's 2 threads: milliseconds for all of them at each row count, fp32 weights, int8 ones
 (oneDNN gets their dequantized values, as `PackedLinear` gives it; in bf16 too where the CPU
-has native bf16), int4 ones (the head int8) and w8a8 (int8 activations too, every row count),
-median of 7 alternating runs.
+has native bf16), int4 ones (the head int8), w8a8 (int8 activations too, every row count) and
+w4a8 (the head w8a8), median of 7 alternating runs.
 `engine/layers/linear.py`'s `SMALL_BATCH_ROWS` takes the crossing points from here.
 
     .venv/bin/python bench/linear_rows.py [--rows 1 4 8 16 32 64]
@@ -31,6 +31,7 @@ from engine.layers.linear import (
 )
 from engine.layers.quantization import (  # noqa: E402
     dequantize_int8,
+    pack_w4a8,
     pack_w8a8,
     quantize_int4,
     quantize_int8,
@@ -68,11 +69,13 @@ def main() -> None:
                    for dtype in (torch.float32, torch.bfloat16)
                    if can_pack(torch.device("cpu"), dtype)}
     w8a8 = [pack_w8a8(q, s) for q, s in quantized]
+    w4a8 = [pack_w4a8(p, s) for p, s in int4] + w8a8[-1:]
     print(f"# {cpu_name()}, {torch.get_num_threads()} threads; ms for SmolLM2's linears; "
-          f"w8a8 through VNNI: {torch.ops.llm_cpu.w8a8_has_vnni()}")
+          f"w8a8 path: {torch.ops.llm_cpu.int8_activation_path()}")
     names = None
     for num_rows in args.rows:
-        ms = median_ms(runs(num_rows, weights, quantized, packed, packed_int8, int4, w8a8))
+        ms = median_ms(runs(num_rows, weights, quantized, packed, packed_int8, int4, w8a8,
+                             w4a8))
         if names is None:
             names = list(ms)
             print("| rows | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
@@ -80,7 +83,7 @@ def main() -> None:
 
 
 def runs(num_rows: int, weights: list, quantized: list, packed: list, packed_int8: dict,
-         int4: list, w8a8: list) -> dict[str, Callable[[], object]]:
+         int4: list, w8a8: list, w4a8: list) -> dict[str, Callable[[], object]]:
     x = {k: torch.randn(num_rows, k) for k in (HIDDEN, INTERMEDIATE)}
     x_bf16 = {k: v.bfloat16() for k, v in x.items()}
 
@@ -104,6 +107,9 @@ def runs(num_rows: int, weights: list, quantized: list, packed: list, packed_int
                                 for p, s in int4] + [quantized_head(num_rows, x, quantized)],
         "w8a8 kernel": lambda: [torch.ops.llm_cpu.w8a8_linear(x[4 * p.shape[1]], p, s, None)
                                 for p, s in w8a8],
+        "w4a8 kernel": lambda: [(torch.ops.llm_cpu.w4a8_linear if p.dim() == 5
+                                 else torch.ops.llm_cpu.w8a8_linear)(x[w.shape[1]], p, s, None)
+                                for w, (p, s) in zip(weights, w4a8, strict=True)],
     }
 
 

@@ -178,10 +178,11 @@ class LLMEngine:
             self.runner.backend = get_attention_backend("cpu")
             logger.info("attention: C++ CPU kernels (%s)", cpu_ops.capability())
             quantization = self.config.quantization
-            if quantization in ("w8a8", "w4a8") and not torch.ops.llm_cpu.w8a8_has_vnni():
-                logger.warning("--quantization %s: this CPU has no AVX512-VNNI, so its int8 "
-                               "products run one at a time (correct, slow); int8 or int4 is the "
-                               "fast choice here", quantization)
+            if (quantization in ("w8a8", "w4a8")
+                    and torch.ops.llm_cpu.int8_activation_path() == "scalar"):
+                logger.warning("--quantization %s: this CPU has neither AVX512-VNNI nor AVX2, so "
+                               "its int8 products run one at a time (correct, slow); int8 or int4 "
+                               "is the fast choice here", quantization)
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings

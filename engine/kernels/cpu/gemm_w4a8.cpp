@@ -9,8 +9,11 @@
 // off. Weights packed by engine/layers/quantization.py's `pack_w4a8`: tiles of 16 output columns,
 // [tiles, K / 32, 4, 16, 4] uint8: the i-th 64 bytes of a group hold, for each column, 4 weights
 // k = 4i.. in their low nibbles and k = 16 + 4i.. in their high ones, so one load and two masks
-// give two VNNI operands. Steps and minimums as fp16 [tiles, K / 32, 2, 16]. Without VNNI the same
-// integers and the same order of fp32 sums, one at a time: correct, not fast.
+// give two VNNI operands. Steps and minimums as fp16 [tiles, K / 32, 2, 16]. With AVX2 (no VNNI),
+// `vpmaddubsw` gives the q x qx products summed in int16 pairs: at most 2 x 15 x 127 each, so a
+// group's 8 of them add up in int16 exactly (<= 30,480) before one `vpmaddwd` sums them into
+// int32 fours: the same dots and the same fp32 sums as VNNI's. Without either, the same integers
+// and the same order of fp32 sums, one at a time: correct, not fast.
 
 #include "int8_rows.h"
 
@@ -116,6 +119,63 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// MR rows of x against one tile of 16 columns as two halves of 8 (AVX2): MR x 2 int16 sums of
+// pairs per group, the fp32 totals in memory (updated once a group).
+template <int MR, typename T>
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const QuantizedRows& x, int64_t m0,
+                                                        int64_t k_size, const uint8_t* w,
+                                                        const c10::Half* w_scale, const T* bias,
+                                                        int64_t n0, T* out, int64_t out_stride) {
+  const int64_t num_groups = k_size / small_batch::kGroup;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  alignas(32) float total[MR][kTile] = {};
+  for (int64_t g = 0; g < num_groups; ++g) {
+    __m256i pairs[MR][2];
+    for (int m = 0; m < MR; ++m) pairs[m][0] = pairs[m][1] = _mm256_setzero_si256();
+    const uint8_t* wg = w + g * kGroupBytes;
+#pragma GCC unroll 4
+    for (int i = 0; i < kLoads; ++i) {
+      __m256i low[2], high[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256i packed =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + i * 64 + h * 32));
+        low[h] = _mm256_and_si256(packed, low_nibbles);
+        high[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xg = x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup;
+        int32_t first, second;  // x's 4 bytes at k = 4i and at 16 + 4i
+        std::memcpy(&first, xg + 4 * i, 4);
+        std::memcpy(&second, xg + 16 + 4 * i, 4);
+        const __m256i x_low = _mm256_set1_epi32(first), x_high = _mm256_set1_epi32(second);
+        for (int h = 0; h < 2; ++h) {
+          pairs[m][h] = _mm256_add_epi16(pairs[m][h], _mm256_maddubs_epi16(low[h], x_low));
+          pairs[m][h] = _mm256_add_epi16(pairs[m][h], _mm256_maddubs_epi16(high[h], x_high));
+        }
+      }
+    }
+    const c10::Half* s = w_scale + g * 2 * kTile;
+    for (int h = 0; h < 2; ++h) {
+      const __m256 step = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8 * h)));
+      const __m256 minimum =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + kTile + 8 * h)));
+      for (int m = 0; m < MR; ++m) {
+        const int64_t row_group = (m0 + m) * num_groups + g;
+        const float xs = x.scale[row_group];
+        const __m256 x_sum = _mm256_set1_ps(static_cast<float>(x.sum[row_group]) * xs);
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[m][h], ones));
+        float* t = total[m] + 8 * h;
+        __m256 sum = _mm256_fmadd_ps(dot, _mm256_mul_ps(step, _mm256_set1_ps(xs)), _mm256_load_ps(t));
+        _mm256_store_ps(t, _mm256_fmadd_ps(minimum, x_sum, sum));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    int8_rows::store16(total[m], bias ? bias + n0 : nullptr, out + (m0 + m) * out_stride + n0);
+}
+#endif
+
 template <typename T>
 void w4a8_gemm(const T* x, int64_t num_rows, const uint8_t* w, const c10::Half* w_scale,
                const T* bias, int64_t k_size, int64_t n_size, T* y) {
@@ -130,6 +190,16 @@ void w4a8_gemm(const T* x, int64_t num_rows, const uint8_t* w, const c10::Half* 
                                                           int64_t tile) {
       tile_vnni<rows(), tiles()>(xq, m0, k_size, w + tile * tile_bytes,
                                  w_scale + tile * tile_scales, bias, tile * kTile, y, n_size);
+    });
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (int8_rows::chosen_path() == int8_rows::Path::kAvx2) {
+    int8_rows::parallel_blocks<1>(num_rows, num_tiles, [&](auto rows, auto, int64_t m0,
+                                                          int64_t tile) {
+      tile_avx2<rows()>(xq, m0, k_size, w + tile * tile_bytes, w_scale + tile * tile_scales, bias,
+                        tile * kTile, y, n_size);
     });
     return;
   }

@@ -12,8 +12,11 @@
 //
 // Weights packed by engine/layers/quantization.py's `pack_w8a8`: tiles of 16 output columns,
 // [tiles, K / 4, 16, 4] uint8, so one 64-byte load holds 4 consecutive k of 16 columns, and the
-// scales as [tiles, K / 32, 16]. Without VNNI the same integers and the same order of the
-// fp32 sums are computed one at a time: a correct path, not a fast one.
+// scales as [tiles, K / 32, 16]. With AVX2 (no VNNI), `vpmaddubsw` multiplies unsigned by
+// signed bytes into int16 pairs and `vpmaddwd` sums those into int32 fours, VNNI's sums in two
+// steps; a pair of (w + 128) x could pass int16's range, so it multiplies |w| by x with w's sign
+// (llama.cpp's trick): each pair at most 2 x 127 x 127. The same int32 dots, the same fp32 sums.
+// Without either, the same integers and the same order of sums one at a time: correct, slow.
 
 #include "int8_rows.h"
 
@@ -92,6 +95,54 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
 
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// MR rows of x against one tile of 16 columns as two halves of 8 (AVX2): MR x 2 int32 dots per
+// group, the fp32 totals in memory (updated once a group).
+template <int MR, typename T>
+__attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& x, int64_t m0,
+                                                   int64_t k_size, const uint8_t* w,
+                                                   const float* w_scale, const T* bias, int64_t n0,
+                                                   T* out, int64_t out_stride) {
+  const int64_t num_groups = k_size / small_batch::kGroup;
+  const __m256i ones = _mm256_set1_epi16(1), offset = _mm256_set1_epi8(static_cast<char>(0x80));
+  alignas(32) float total[MR][kTile] = {};
+  for (int64_t g = 0; g < num_groups; ++g) {
+    __m256i dot[MR][2];
+    for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+    const uint8_t* wg = w + g * small_batch::kGroup * kTile;
+#pragma GCC unroll 8
+    for (int quad = 0; quad < kQuads; ++quad) {
+      __m256i signed_w[2], magnitude[2];
+      for (int h = 0; h < 2; ++h) {  // w = stored - 128, in int8
+        signed_w[h] = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + quad * 64 + h * 32)), offset);
+        magnitude[h] = _mm256_abs_epi8(signed_w[h]);
+      }
+      for (int m = 0; m < MR; ++m) {
+        int32_t four;  // x's 4 bytes at this step, broadcast to every column
+        std::memcpy(&four, x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup + quad * 4, 4);
+        const __m256i xv = _mm256_set1_epi32(four);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude[h], _mm256_sign_epi8(xv, signed_w[h]));
+          dot[m][h] = _mm256_add_epi32(dot[m][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sv = _mm256_loadu_ps(w_scale + g * kTile + 8 * h);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xs = _mm256_set1_ps(x.scale[(m0 + m) * num_groups + g]);
+        float* t = total[m] + 8 * h;
+        _mm256_store_ps(t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]), _mm256_mul_ps(sv, xs),
+                                           _mm256_load_ps(t)));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    int8_rows::store16(total[m], bias ? bias + n0 : nullptr, out + (m0 + m) * out_stride + n0);
+}
+#endif
+
 template <typename T>
 void w8a8_gemm(const T* x, int64_t num_rows, const uint8_t* w, const float* w_scale, const T* bias,
                int64_t k_size, int64_t n_size, T* y) {
@@ -106,6 +157,16 @@ void w8a8_gemm(const T* x, int64_t num_rows, const uint8_t* w, const float* w_sc
                                                           int64_t tile) {
       tile_vnni<rows(), tiles()>(xq, m0, k_size, w + tile * tile_bytes,
                                  w_scale + tile * tile_scales, bias, tile * kTile, y, n_size);
+    });
+    return;
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (int8_rows::chosen_path() == int8_rows::Path::kAvx2) {
+    int8_rows::parallel_blocks<1>(num_rows, num_tiles, [&](auto rows, auto, int64_t m0,
+                                                          int64_t tile) {
+      tile_avx2<rows()>(xq, m0, k_size, w + tile * tile_bytes, w_scale + tile * tile_scales, bias,
+                        tile * kTile, y, n_size);
     });
     return;
   }
@@ -149,19 +210,28 @@ at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed,
   return y;
 }
 
-bool w8a8_has_vnni() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return int8_rows::has_vnni();
-#else
-  return false;
-#endif
+// The int8-activation kernels' path ("vnni", "avx2" or "scalar"); `use` another one (tests: the
+// paths against each other on one machine), if this CPU and build have it.
+std::string int8_activation_path(const c10::optional<std::string>& use) {
+  using int8_rows::Path;
+  static const Path best = int8_rows::chosen_path();
+  if (use.has_value()) {
+    const std::string& name = *use;
+    const Path wanted = name == "vnni" ? Path::kVnni : name == "avx2" ? Path::kAvx2 : Path::kScalar;
+    TORCH_CHECK(name == "vnni" || name == "avx2" || name == "scalar",
+                "path: vnni, avx2 or scalar expected, got ", name);
+    TORCH_CHECK(wanted <= best, "this CPU or build has no ", name, " path");
+    int8_rows::chosen_path() = wanted;
+  }
+  const Path path = int8_rows::chosen_path();
+  return path == Path::kVnni ? "vnni" : path == Path::kAvx2 ? "avx2" : "scalar";
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llm_cpu, m) {
   m.def("w8a8_linear(Tensor input, Tensor packed, Tensor packed_scale, Tensor? bias) -> Tensor");
-  m.def("w8a8_has_vnni() -> bool", &w8a8_has_vnni);
+  m.def("int8_activation_path(str? use=None) -> str", &int8_activation_path);
 }
 
 TORCH_LIBRARY_IMPL(llm_cpu, CPU, m) {

@@ -1,6 +1,7 @@
 // What the kernels with int8 activations (gemm_w8a8.cpp, gemm_w4a8.cpp) share: x's rows rounded
-// to int8 per group of 32 as they enter, outputs stored 16 columns at a time, and whether the CPU
-// has AVX512-VNNI's byte dot product.
+// to int8 per group of 32 as they enter, outputs stored 16 columns at a time, and which of the
+// three paths runs: AVX512-VNNI's byte dot product, AVX2's pair products, or a scalar loop. All
+// three compute the same integers; VNNI's and AVX2's also the same fp32 sums, bit for bit.
 
 #pragma once
 
@@ -56,6 +57,36 @@ __attribute__((target("avx512f,avx512bw"))) inline void quantize_group_avx512(
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// The same with AVX2: 4 x 8 products, rounded to nearest even by the conversion, narrowed to bytes.
+__attribute__((target("avx2,fma"))) inline void quantize_group_avx2(const float* values, int8_t* q,
+                                                                    float* scale, int32_t* sum) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  __m256 v[4], magnitude = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(values + 8 * i);
+    magnitude = _mm256_max_ps(magnitude, _mm256_andnot_ps(sign_bit, v[i]));
+  }
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(magnitude), _mm256_extractf128_ps(magnitude, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  __m256i qi[4];
+  for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+  // packs interleave 128-bit lanes: dwords come out as a0 b0 c0 d0 a1 b1 c1 d1
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]),
+                                           _mm256_packs_epi32(qi[2], qi[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]),
+                                         _mm256_add_epi32(qi[2], qi[3]));
+  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  sum4 = _mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0x4e));
+  *scale = amax / 127.f;
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(sum4, _mm_shuffle_epi32(sum4, 0xb1)));
+}
+#endif
+
 template <typename T>
 QuantizedRows quantize_rows(const T* x, int64_t num_rows, int64_t k_size) {
   const int64_t num_groups = k_size / small_batch::kGroup;
@@ -69,6 +100,8 @@ QuantizedRows quantize_rows(const T* x, int64_t num_rows, int64_t k_size) {
       for (int k = 0; k < small_batch::kGroup; ++k) values[k] = static_cast<float>(x[first + k]);
 #if defined(CPU_CAPABILITY_AVX512)
       quantize_group_avx512(values, rows.q.data() + first, &rows.scale[i], &rows.sum[i]);
+#elif defined(CPU_CAPABILITY_AVX2)
+      quantize_group_avx2(values, rows.q.data() + first, &rows.scale[i], &rows.sum[i]);
 #else
       quantize_group(values, rows.q.data() + first, &rows.scale[i], &rows.sum[i]);
 #endif
@@ -107,11 +140,35 @@ __attribute__((target("avx512f,avx512bw"))) inline void store16(__m512 v, const 
   }
 }
 
-inline bool has_vnni() {
-  static const bool found = __builtin_cpu_supports("avx512vnni");
-  return found;
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// out[0..16) = sums (+ bias), rounded to T (AVX2's path: the conversion c10's, one at a time).
+template <typename T>
+inline void store16(const float* sums, const T* bias, T* out) {
+  for (int i = 0; i < kTile; ++i)
+    out[i] = static_cast<T>(sums[i] + (bias ? static_cast<float>(bias[i]) : 0.f));
 }
 #endif
+
+// Which path the kernels take: the fastest this CPU has, unless a test asks for another.
+enum class Path { kScalar, kAvx2, kVnni };
+
+inline Path& chosen_path() {
+  static Path path = [] {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (__builtin_cpu_supports("avx512vnni")) return Path::kVnni;
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    return Path::kAvx2;
+#else
+    return Path::kScalar;
+#endif
+  }();
+  return path;
+}
+
+inline bool has_vnni() { return chosen_path() == Path::kVnni; }
 
 // block(rows, tiles, m0, tile): every block of up to 4 rows of x (from m0) against every run of up
 // to NR packed tiles (from `tile`), `rows()` and `tiles()` compile-time constants (a register

@@ -1,6 +1,6 @@
 """`llm_cpu::w4a8_linear` (engine/kernels/cpu/gemm_w4a8.cpp) against its torch reference: int4
-weights (Q4_1's steps and minimums) times activations rounded to int8 per group of 32, on this
-machine's path (VNNI or not)."""
+weights (Q4_1's steps and minimums) times activations rounded to int8 per group of 32, on each
+path this machine has (VNNI, AVX2, scalar), and the paths against each other."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from engine.kernels import cpu_ops, reference
 from engine.layers.quantization import dequantize_int4, pack_w4a8, quantize_int4, unpack_w4a8
+from tests.engine.kernels.conftest import available_int8_paths
 from tests.engine.kernels.test_kernels import DTYPES, TOLERANCE, _rel_error
 
 
@@ -31,7 +32,7 @@ def _layer(out_features: int, in_features: int, seed: int):
 # 16: one tile; 32: two (one task); 112: seven, the last task of one tile
 @pytest.mark.parametrize("out_features", [16, 32, 112])
 @pytest.mark.parametrize("in_features", [32, 64, 576])
-def test_w4a8_linear_matches_reference(dtype, rows, out_features, in_features):
+def test_w4a8_linear_matches_reference(int8_path, dtype, rows, out_features, in_features):
     packed, step_min, tiles, tile_scales = _layer(out_features, in_features, rows + in_features)
     bias = torch.randn(out_features).to(dtype) if rows % 2 else None
     x = torch.randn(rows, in_features).to(dtype)
@@ -45,7 +46,28 @@ def test_w4a8_linear_matches_reference(dtype, rows, out_features, in_features):
         assert _rel_error(actual, expected) < TOLERANCE[dtype]
 
 
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_paths_agree(dtype):
+    """VNNI's and AVX2's fp32 sums are the same operations in the same order: the same bits. The
+    scalar loop sums the same integers (its fp32 sums may round an ulp apart)."""
+    paths = available_int8_paths()
+    _, _, tiles, tile_scales = _layer(112, 576, 4)
+    x, bias = torch.randn(9, 576).to(dtype), torch.randn(112).to(dtype)
+    results = {}
+    try:
+        for path in paths:
+            torch.ops.llm_cpu.int8_activation_path(path)
+            results[path] = torch.ops.llm_cpu.w4a8_linear(x, tiles, tile_scales, bias)
+    finally:
+        torch.ops.llm_cpu.int8_activation_path(paths[-1])
+    if "vnni" in results:
+        assert torch.equal(results["vnni"], results["avx2"])
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(results["scalar"], results[paths[-1]], rtol=tolerance,
+                               atol=tolerance)
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(int8_path):
     """Bit for bit: a sequence's tokens must not depend on the batch it shares."""
     _, _, tiles, tile_scales = _layer(112, 576, 0)
     x = torch.randn(11, 576)

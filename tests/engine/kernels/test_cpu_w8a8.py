@@ -1,5 +1,6 @@
 """`llm_cpu::w8a8_linear` (engine/kernels/cpu/gemm_w8a8.cpp) against its torch reference: int8
-weights and activations rounded per group of 32, on this machine's path (VNNI or not)."""
+weights and activations rounded per group of 32, on each path this machine has (VNNI, AVX2,
+scalar), and the paths against each other."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from engine.layers.quantization import (
     quantize_rows_int8,
     unpack_w8a8,
 )
+from tests.engine.kernels.conftest import available_int8_paths
 from tests.engine.kernels.test_kernels import DTYPES, TOLERANCE, _rel_error
 
 
@@ -33,7 +35,7 @@ def _layer(out_features: int, in_features: int, seed: int):
 # 16: one tile; 48: three (one task); 112: three tasks, the last of one tile
 @pytest.mark.parametrize("out_features", [16, 48, 112])
 @pytest.mark.parametrize("in_features", [32, 64, 576])
-def test_w8a8_linear_matches_reference(dtype, rows, out_features, in_features):
+def test_w8a8_linear_matches_reference(int8_path, dtype, rows, out_features, in_features):
     qweight, scale, packed, packed_scale = _layer(out_features, in_features, rows + in_features)
     bias = torch.randn(out_features).to(dtype) if rows % 2 else None
     x = torch.randn(rows, in_features).to(dtype)
@@ -47,7 +49,28 @@ def test_w8a8_linear_matches_reference(dtype, rows, out_features, in_features):
         assert _rel_error(actual, expected) < TOLERANCE[dtype]
 
 
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_paths_agree(dtype):
+    """VNNI's and AVX2's fp32 sums are the same operations in the same order: the same bits. The
+    scalar loop sums the same integers (its fp32 sums may round an ulp apart)."""
+    paths = available_int8_paths()
+    _, _, packed, packed_scale = _layer(112, 576, 4)
+    x, bias = torch.randn(9, 576).to(dtype), torch.randn(112).to(dtype)
+    results = {}
+    try:
+        for path in paths:
+            torch.ops.llm_cpu.int8_activation_path(path)
+            results[path] = torch.ops.llm_cpu.w8a8_linear(x, packed, packed_scale, bias)
+    finally:
+        torch.ops.llm_cpu.int8_activation_path(paths[-1])
+    if "vnni" in results:
+        assert torch.equal(results["vnni"], results["avx2"])
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(results["scalar"], results[paths[-1]], rtol=tolerance,
+                               atol=tolerance)
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(int8_path):
     """Bit for bit: a sequence's tokens must not depend on the batch it shares."""
     _, _, packed, packed_scale = _layer(112, 576, 0)
     x = torch.randn(11, 576)

@@ -155,9 +155,10 @@ def test_quantization_is_refused_where_it_cannot_apply():
         LLM("", quantization="int8", compile_decode=True)
 
 
-@pytest.mark.parametrize(("quantization", "has_vnni"), [("w4a8", False), ("w8a8", True)])
-def test_int8_activations_without_vnni_warn_once_the_kernels_load(
-    tiny_model_dirs, monkeypatch, caplog, quantization, has_vnni
+@pytest.mark.parametrize(("quantization", "path"), [("w4a8", "scalar"), ("w8a8", "avx2"),
+                                                   ("w8a8", "vnni")])
+def test_int8_activations_on_the_scalar_path_warn_once_the_kernels_load(
+    tiny_model_dirs, monkeypatch, caplog, quantization, path
 ):
     import logging
 
@@ -165,7 +166,7 @@ def test_int8_activations_without_vnni_warn_once_the_kernels_load(
 
     llm = LLM(tiny_model_dirs["llama"], quantization=quantization)
     assert cpu_ops.load()
-    monkeypatch.setattr(torch.ops.llm_cpu, "w8a8_has_vnni", lambda: has_vnni)
+    monkeypatch.setattr(torch.ops.llm_cpu, "int8_activation_path", lambda: path)
     with caplog.at_level(logging.WARNING, logger="engine.llm_engine"):
         llm.engine._load_cpu_kernels()
-    assert ("no AVX512-VNNI" in caplog.text) is not has_vnni
+    assert ("neither AVX512-VNNI nor AVX2" in caplog.text) is (path == "scalar")
