@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         "output head int8) by the small-batch kernels, where a step streams every weight: a "
         "quarter or a sixth of fp32's bytes; oneDNN's larger batches use their dequantized "
         "values. w8a8: int8 weights and each linear's input rounded to int8 per group of 32 "
-        "(llama.cpp's Q8_0 arithmetic), multiplied in int8 at every batch size: for CPUs with "
-        "AVX512-VNNI, where it is the fastest from a few users up. w4a8: the same with int4's "
-        "weights (llama.cpp's Q4_1 x Q8_1; the output head w8a8): half w8a8's bytes a step")
+        "(llama.cpp's Q8_0 arithmetic), multiplied in int8 at every batch size (AVX512-VNNI or "
+        "AVX2): the fastest from a few users up. w4a8: the same with int4's weights (llama.cpp's "
+        "Q4_1 x Q8_1; the output head w8a8): half w8a8's bytes a step")
     add("--speculative-config", default=None, metavar="JSON",
         help='speculative decoding by prompt lookup, as vLLM\'s flag: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_max": 3}\' (optional "prompt_lookup_min", '
