@@ -39,7 +39,7 @@ void tile_scalar(const QuantizedRows& x, int64_t m, int64_t k_size, const uint8_
   for (int64_t g = 0; g < num_groups; ++g) {
     const int8_t* xg = x.q.data() + m * k_size + g * small_batch::kGroup;
     const float xs = x.scale[m * num_groups + g];
-    const float x_sum = static_cast<float>(x.sum[m * num_groups + g]) * xs;
+    const float x_sum = x.scaled_sum[m * num_groups + g];
     const uint8_t* wg = w + g * kGroupBytes;
     for (int c = 0; c < kTile; ++c) {
       int32_t dot = 0;
@@ -101,7 +101,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
       const int64_t row_group = (m0 + m) * num_groups + g;
       const float xs = x.scale[row_group];
       const __m512 x_scale = _mm512_set1_ps(xs);
-      const __m512 x_sum = _mm512_set1_ps(static_cast<float>(x.sum[row_group]) * xs);
+      const __m512 x_sum = _mm512_set1_ps(x.scaled_sum[row_group]);
       for (int j = 0; j < NR; ++j) {
         total[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][j]),
                                       _mm512_mul_ps(step[j], x_scale), total[m][j]);
@@ -158,6 +158,7 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const QuantizedRows& x, 
           for (int h = 0; h < H; ++h) {
             pairs[m][h] = _mm256_add_epi16(pairs[m][h], _mm256_maddubs_epi16(low[h], x_low));
             pairs[m][h] = _mm256_add_epi16(pairs[m][h], _mm256_maddubs_epi16(high[h], x_high));
+            int8_rows::keep_in_register(pairs[m][h]);
           }
         }
       }
@@ -168,11 +169,11 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const QuantizedRows& x, 
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + kTile)));
         for (int m = 0; m < MR; ++m) {
           const int64_t row_group = (m0 + m) * num_groups + g;
-          const float xs = x.scale[row_group];
           const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[m][h], ones));
-          total[m][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(step, _mm256_set1_ps(xs)), total[m][h]);
-          total[m][h] = _mm256_fmadd_ps(
-              minimum, _mm256_set1_ps(static_cast<float>(x.sum[row_group]) * xs), total[m][h]);
+          const __m256 xs = _mm256_broadcast_ss(&x.scale[row_group]);
+          total[m][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(step, xs), total[m][h]);
+          total[m][h] =
+              _mm256_fmadd_ps(minimum, _mm256_broadcast_ss(&x.scaled_sum[row_group]), total[m][h]);
         }
       }
     }

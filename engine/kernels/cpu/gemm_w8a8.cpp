@@ -134,6 +134,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& x, int64
             const __m256i signed_x = _mm256_sign_epi8(xv, signed_w[h]);
             dot[m][h] = _mm256_add_epi32(
                 dot[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[h], signed_x), ones));
+            int8_rows::keep_in_register(dot[m][h]);
           }
         }
       }

@@ -14,11 +14,13 @@ namespace int8_rows {
 constexpr int kTile = 16;  // output columns in a packed tile: one zmm of int32 sums
 
 // x's rows rounded to int8 per group of 32: q [rows, K], each group's scale (amax / 127) and the
-// sum of its q (what the weights' offsets multiply: w8a8's +128, w4a8's minimums).
+// sum of its q (what the weights' offsets multiply: w8a8's +128, w4a8's minimums), also as
+// sum x scale (w4a8's minimums multiply that: once a group, not once a group and a tile).
 struct QuantizedRows {
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> sum;
+  std::vector<float> scaled_sum;
 };
 
 // One group of 32 values of x: q = nearbyint(x * (127 / amax)), as quantize_rows_int8 rounds
@@ -92,7 +94,8 @@ QuantizedRows quantize_rows(const T* x, int64_t num_rows, int64_t k_size) {
   const int64_t num_groups = k_size / small_batch::kGroup;
   QuantizedRows rows{std::vector<int8_t>(num_rows * k_size),
                      std::vector<float>(num_rows * num_groups),
-                     std::vector<int32_t>(num_rows * num_groups)};
+                     std::vector<int32_t>(num_rows * num_groups),
+                     std::vector<float>(num_rows * num_groups)};
   at::parallel_for(0, num_rows * num_groups, 256, [&](int64_t begin, int64_t end) {
     float values[small_batch::kGroup];
     for (int64_t i = begin; i < end; ++i) {  // i: one group of one row
@@ -105,6 +108,7 @@ QuantizedRows quantize_rows(const T* x, int64_t num_rows, int64_t k_size) {
 #else
       quantize_group(values, rows.q.data() + first, &rows.scale[i], &rows.sum[i]);
 #endif
+      rows.scaled_sum[i] = static_cast<float>(rows.sum[i]) * rows.scale[i];
     }
   });
   return rows;
@@ -150,6 +154,14 @@ inline void store16(const float* sums, const T* bias, T* out) {
     out[i] = static_cast<T>(sums[i] + (bias ? static_cast<float>(bias[i]) : 0.f));
 }
 #endif
+
+// An accumulator the compiler must keep as it is here: integer adds are associative, and GCC
+// otherwise turns a tile's chains of adds into trees that hold every product at once (spilled:
+// half the speed of AVX2's tiles).
+template <typename V>
+inline void keep_in_register(V& v) {
+  asm("" : "+x"(v));
+}
 
 // Which path the kernels take: the fastest this CPU has, unless a test asks for another.
 enum class Path { kScalar, kAvx2, kVnni };
