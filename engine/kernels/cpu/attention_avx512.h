@@ -1,6 +1,7 @@
 // paged_attention.cpp's decode attention with AVX-512, for fp32 and bf16 caches and head sizes
 // that are whole vectors (64, 128): its portable loop's arithmetic in fewer instructions (a
-// 32-sequence bf16 layer with the context in cache: 383 -> 220-250 us).
+// 32-sequence bf16 layer with the context in cache: 383 -> 220-250 us). attention_avx2.h is the
+// same with AVX2 (the same names: the build's capability picks one).
 //
 // Scores: a key's products with a head are summed into one vector, and the vectors of 16 keys
 // reduced together (`transpose_sum16`: 45 shuffles and adds for 16 scores, where a horizontal sum
@@ -17,7 +18,9 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace attention_avx512 {
+#include "token_walk.h"
+
+namespace attention_simd {
 
 constexpr int kLanes = 16;
 
@@ -53,23 +56,6 @@ __attribute__((target("avx512f"))) inline __m512 transpose_sum16(const __m512* v
                          _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
 }
-
-// The tokens of a context in order, block by block, without a division per token.
-template <typename T>
-struct TokenWalk {
-  const T* base;
-  const int* block_table;
-  int block_size;
-  int64_t token_stride;
-  int block = 0, in_block = 0;
-
-  const T* next() {  // the current token's vectors; then moves on
-    const T* token = base + (static_cast<int64_t>(block_table[block]) * block_size + in_block) *
-                                token_stride;
-    if (++in_block == block_size) in_block = 0, ++block;
-    return token;
-  }
-};
 
 // logits[h * context_len + t] = q[h] . key t for the num_kv * group query heads (q scaled
 // already) of the KV heads whose keys (one run per token) the walk reads: each token's run read
@@ -150,5 +136,5 @@ __attribute__((target("avx512f,avx512bw"))) void weighted_values(
   }
 }
 
-}  // namespace attention_avx512
+}  // namespace attention_simd
 #endif

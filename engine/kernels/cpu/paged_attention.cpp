@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_avx2.h"
 #include "attention_avx512.h"
 
 namespace {
@@ -48,13 +49,14 @@ inline void softmax_rows(float* logits, int rows, int context_len, float* inv_su
   }
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
-// attend_heads (below) with attention_avx512.h's scores and weighted sums; the same prefetches.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// attend_heads (below) with the vector path's scores and weighted sums (attention_avx512.h or
+// attention_avx2.h, by the build's capability); the same prefetches.
 template <typename T, int D>
-void attend_heads_avx512(const float* q, const T* k_base, const T* v_base, const int* block_table,
+void attend_heads_simd(const float* q, const T* k_base, const T* v_base, const int* block_table,
                          int context_len, int block_size, int64_t token_stride, int group,
                          int num_kv, float* logits, float* inv_sum, T* out) {
-  using attention_avx512::TokenWalk;
+  using attention_simd::TokenWalk;
   const int num_blocks = (context_len + block_size - 1) / block_size;
   const int64_t token_bytes = token_stride * sizeof(T), run_bytes = num_kv * D * sizeof(T);
   const auto prefetch_next = [&](int b) {  // entering block b: the next keys, these values
@@ -65,12 +67,12 @@ void attend_heads_avx512(const float* q, const T* k_base, const T* v_base, const
     prefetch_block(v_base + static_cast<int64_t>(block_table[b]) * block_size * token_stride,
                    std::min(block_size, context_len - b * block_size), token_bytes, run_bytes);
   };
-  attention_avx512::scores<T, D>(q, TokenWalk<T>{k_base, block_table, block_size, token_stride},
+  attention_simd::scores<T, D>(q, TokenWalk<T>{k_base, block_table, block_size, token_stride},
                                  context_len, num_kv, group, prefetch_next, logits);
   softmax_rows(logits, num_kv * group, context_len, inv_sum);
   for (int kv = 0; kv < num_kv; ++kv) {
     const TokenWalk<T> values{v_base + kv * D, block_table, block_size, token_stride};
-    attention_avx512::weighted_values<T, D>(logits + kv * group * context_len, values,
+    attention_simd::weighted_values<T, D>(logits + kv * group * context_len, values,
                                             context_len, group, inv_sum + kv * group,
                                             out + kv * group * D);
   }
@@ -93,9 +95,9 @@ void attend_heads(const T* query, const T* k_base, const T* v_base, const int* b
   const int dim = D > 0 ? D : head_dim, num_heads = num_kv * group;
   for (int h = 0; h < num_heads; ++h)
     for (int d = 0; d < dim; ++d) q[h * dim + d] = static_cast<float>(query[h * dim + d]) * scale;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (D > 0 && D % attention_avx512::kLanes == 0 && attention_avx512::kServes<T>) {
-    attend_heads_avx512<T, D>(q, k_base, v_base, block_table, context_len, block_size,
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (D > 0 && D % attention_simd::kLanes == 0 && attention_simd::kServes<T>) {
+    attend_heads_simd<T, D>(q, k_base, v_base, block_table, context_len, block_size,
                               token_stride, group, num_kv, logits, inv_sum, out);
     return;
   }
