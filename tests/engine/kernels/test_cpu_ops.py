@@ -321,7 +321,9 @@ def test_kernels_match_on_the_other_instruction_sets(capability):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
          str(Path(__file__).with_name("test_cpu_fused_ops.py")),
-         "-k", "matches_reference or matches_f_linear or matches_apply_rotary"],
+         str(Path(__file__).with_name("test_cpu_w8a8.py")),
+         str(Path(__file__).with_name("test_cpu_w4a8.py")),
+         "-k", "matches_reference or matches_f_linear or matches_apply_rotary or paths_agree"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
