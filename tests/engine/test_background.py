@@ -47,9 +47,10 @@ def test_nothing_collectable_is_frozen_by_a_load(tiny_llama_dir, tmp_path):
 
     tensorize(tiny_llama_dir, str(tmp_path / "tensorized"), "float32")
     # The load freezes what exists when it starts: garbage earlier tests left uncollected would
-    # be frozen with it and show up below, though no load made it. So would tensors of earlier
-    # tests that become garbage only during the load (their engines' background threads let go
-    # of them): tensors that existed before the load are not the load's.
+    # be frozen with it and show up below, though no load made it. So would what earlier tests'
+    # loads froze (unfrozen below with the rest) and has died since, and tensors of earlier
+    # tests that die during the load: tensors that existed before the load are not the load's.
+    gc.unfreeze()
     gc.collect()
     earlier = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
     loader = BackgroundLoader(EngineConfig(str(tmp_path / "tensorized"), quantization="int8"))
