@@ -17,6 +17,19 @@ def available_int8_paths() -> list[str]:
     return list(INT8_PATHS[: INT8_PATHS.index(best) + 1])
 
 
+def on_each_int8_path(run) -> dict:
+    """run()'s result on each path this machine has, {path: result}; the best path back after."""
+    paths = available_int8_paths()
+    results = {}
+    try:
+        for path in paths:
+            torch.ops.llm_cpu.int8_activation_path(path)
+            results[path] = run()
+    finally:
+        torch.ops.llm_cpu.int8_activation_path(paths[-1])
+    return results
+
+
 @pytest.fixture(params=INT8_PATHS)
 def int8_path(request):
     """Each path of the w8a8/w4a8 kernels in turn (skipped where the CPU lacks it), the best one

@@ -14,7 +14,7 @@ from engine.layers.quantization import (
     quantize_rows_int8,
     unpack_w8a8,
 )
-from tests.engine.kernels.conftest import available_int8_paths
+from tests.engine.kernels.conftest import on_each_int8_path
 from tests.engine.kernels.test_kernels import DTYPES, TOLERANCE, _rel_error
 
 
@@ -54,21 +54,16 @@ def test_w8a8_linear_matches_reference(int8_path, dtype, rows, out_features, in_
 def test_the_paths_agree(dtype):
     """VNNI's and AVX2's fp32 sums are the same operations in the same order: the same bits. The
     scalar loop sums the same integers (its fp32 sums may round an ulp apart)."""
-    paths = available_int8_paths()
     _, _, packed, packed_scale = _layer(112, 576, 4)
     x, bias = torch.randn(9, 576).to(dtype), torch.randn(112).to(dtype)
-    results = {}
-    try:
-        for path in paths:
-            torch.ops.llm_cpu.int8_activation_path(path)
-            results[path] = torch.ops.llm_cpu.w8a8_linear(x, packed, packed_scale, bias)
-    finally:
-        torch.ops.llm_cpu.int8_activation_path(paths[-1])
+    w8a8 = torch.ops.llm_cpu.w8a8_linear
+    results = on_each_int8_path(lambda: w8a8(x, packed, packed_scale, bias))
     if "vnni" in results:
         assert torch.equal(results["vnni"], results["avx2"])
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(results["scalar"], results[paths[-1]], rtol=tolerance,
+    torch.testing.assert_close(results["scalar"], results[list(results)[-1]], rtol=tolerance,
                                atol=tolerance)
+
 
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(int8_path):
     """Bit for bit: a sequence's tokens must not depend on the batch it shares."""
