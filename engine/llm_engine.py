@@ -144,7 +144,7 @@ class LLMEngine:
         weight move. Idempotent."""
         runner = getattr(self, "runner", None)  # None when the build failed before it
         if runner is not None:
-            runner.wait_for_weight_mover()
+            runner.wait_for_weight_mover(start=False)
         if self.executor is not None:
             executor, self.executor = self.executor, None
             executor.shutdown(self.tp)
@@ -258,8 +258,9 @@ class LLMEngine:
 
     def when_idle(self) -> None:
         """What a warm server has done and no request should wait for (nor share the GIL
-        with): transformers' part of the tokenizer, for chat templates. Called by the step loop
-        after half a second with nothing to do; idempotent."""
+        with): the weights packed and moved, transformers' part of the tokenizer, for chat
+        templates. Called by the step loop after half a second with nothing to do; idempotent."""
+        self.runner.start_weight_mover()
         if self.tokenizer is not None:
             self.tokenizer.preload()
 

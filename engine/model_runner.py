@@ -118,6 +118,8 @@ class ModelRunner:
             self.compiled_decode.start()
         # oneDNN's packing and the move into huge pages, if any
         self.weight_mover: threading.Thread | None = None
+        self.is_mover_started = False
+        self.has_executed = False  # the mover starts with the second step
         self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
         self.max_stack_rows = max_small_batch_rows(quantization)
         self.may_build_stack = True
@@ -125,13 +127,13 @@ class ModelRunner:
             logger.info("CPU linears for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",
                         pack_linears(model, quantization))
-            # Off the path to the first token: the plain weights serve meanwhile. Not a daemon:
-            # the interpreter waits for it at exit, as a daemon thread still inside a tensor copy
-            # when it finalizes aborts the process ("terminate called without an active
-            # exception"; an offline script that exits without `shutdown()`).
+            # Off the path to the first token: the plain weights serve meanwhile, and it starts
+            # only at the second step or when the engine is idle (start_weight_mover). Not a
+            # daemon: the interpreter waits for it at exit, as a daemon thread still inside a
+            # tensor copy when it finalizes aborts the process ("terminate called without an
+            # active exception"; an offline script that exits without `shutdown()`).
             self.weight_mover = threading.Thread(
                 target=pack_and_move, args=(model,), name="pack-weights")
-            self.weight_mover.start()
         elif quantization:
             raise ValueError(f"{quantization} weights are for the CPU's packed linears: fp32, or "
                              "bf16 on a CPU with native bf16")
@@ -141,15 +143,28 @@ class ModelRunner:
             self.kv_cache.numel() * self.kv_cache.element_size() / 2**20,
         )
 
-    def wait_for_weight_mover(self) -> None:
-        """Packing and moving take about a second."""
-        if self.weight_mover is not None:
+    def start_weight_mover(self) -> None:
+        """Begin oneDNN's packing and the move into huge pages (once). Not at load: they take
+        ~2 s of both cores, and a cold start's first request, arriving as the engine turns
+        ready, shared the cores with them (its first token 0.4-0.5 s later)."""
+        if self.weight_mover is not None and not self.is_mover_started:
+            self.is_mover_started = True
+            self.weight_mover.start()
+
+    def wait_for_weight_mover(self, start: bool = True) -> None:
+        """Packing and moving take about a second; `start=False`: only one already started."""
+        if start:
+            self.start_weight_mover()
+        if self.weight_mover is not None and self.is_mover_started:
             self.weight_mover.join()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run the step: the logits of the sequences that sample (those whose last token this
         step computes) and the prompt logprobs asked for."""
+        if self.has_executed:  # the first step's tokens are out: the cores are shared now
+            self.start_weight_mover()
+        self.has_executed = True
         compiled = self._compiled_decode(batch)
         if compiled is not None:
             return compiled
@@ -197,7 +212,7 @@ class ModelRunner:
         if (num_tokens > self.max_stack_rows or inputs.meta.num_decode_tokens != num_tokens
                 or self.backend.name != "cpu" or self.weight_mover is None):
             return None
-        if self.may_build_stack and not self.weight_mover.is_alive():
+        if self.may_build_stack and self.is_mover_started and not self.weight_mover.is_alive():
             self.may_build_stack = False  # once: None means it cannot serve this model
             self.decoder_stack = build_decoder_stack(self.model, self.kv_caches, self.dtype)
         return self.decoder_stack

@@ -87,6 +87,7 @@ def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: st
         device, dtype, get_attention_backend(backend_name), tp=tp,
         quantization=config.quantization,
     )
+    runner.start_weight_mover()  # rank 0 defers its own until the first step is out
     with torch.inference_mode():
         while (inputs := tp.broadcast()) is not None:
             runner.forward(inputs)

@@ -62,12 +62,29 @@ def library_name(cap: str) -> str:
 
 def library_path(cap: str) -> Path:
     """Where the library for `cap` is (or will be) built."""
-    from torch.utils import cpp_extension
-
     name = library_name(cap)
-    # $TORCH_EXTENSIONS_DIR/<name>, else ~/.cache/torch_extensions/py311_cpu/<name> (torch 2.13)
-    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-    return folder / f"{name}.so"
+    return extensions_root() / name / f"{name}.so"
+
+
+def extensions_root() -> Path:
+    """Where torch's cpp_extension builds: $TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions/py311_cpu (torch 2.13's `_get_build_directory`, as a test checks).
+    Not asked of cpp_extension itself: importing it imports setuptools, 0.2 s holding the GIL
+    while a cold start's first request runs."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is not None:
+        return Path(root)
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    from torch import _appdirs  # the module itself is light (no setuptools)
+
+    cache = os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions"))
+    return Path(cache) / f"{python}_{accelerator}"
 
 
 def build(cap: str) -> Path:
@@ -93,6 +110,7 @@ def build_here(cap: str) -> Path:
     if library.exists():
         return library
     name, folder = library.stem, library.parent
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
         if not library.exists():

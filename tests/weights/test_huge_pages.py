@@ -56,7 +56,7 @@ def test_the_engine_packs_and_moves_its_weights_in_the_background(tiny_model_dir
     llm = LLM(tiny_model_dirs["qwen2"])  # a tied head
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     before = llm.generate([[5, 6, 7]], params)[0].token_ids  # may run while the copy does
-    llm.engine.runner.weight_mover.join(timeout=60)
+    llm.engine.runner.wait_for_weight_mover()
     model = llm.engine.runner.model
     assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
     assert model.lm_head.weight.data_ptr() % ALIGNMENT == 0
@@ -82,5 +82,29 @@ def test_shutdown_waits_for_the_move(tiny_model_dirs, monkeypatch):
 
     monkeypatch.setattr(model_runner, "pack_and_move", slow_move)
     llm = LLM(tiny_model_dirs["llama"])
+    llm.engine.runner.start_weight_mover()
     llm.shutdown()
     assert finished.is_set()
+
+
+def test_the_move_waits_for_the_first_step_to_be_out(tiny_model_dirs, monkeypatch):
+    """A cold start's first request arrives as the engine turns ready: packing and moving (both
+    cores for ~2 s) start with the second step, or when the engine is idle, not before."""
+    from engine import LLM, SamplingParams, model_runner
+
+    started = []
+    monkeypatch.setattr(model_runner, "pack_and_move", lambda model: started.append(model))
+    llm = LLM(tiny_model_dirs["llama"])
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([[5, 6, 7]], params)  # one step
+    assert not started
+    llm.generate([[5, 6, 7]], params)
+    llm.engine.runner.wait_for_weight_mover(start=False)
+    assert len(started) == 1
+
+    idle = LLM(tiny_model_dirs["llama"])
+    idle.engine.when_idle()
+    idle.engine.runner.wait_for_weight_mover(start=False)
+    assert len(started) == 2
+    idle.shutdown()
+    llm.shutdown()

@@ -130,6 +130,22 @@ def test_library_name_changes_with_the_capability():
     assert cpu_ops.capability().lower() in cpu_ops.library_name(cpu_ops.capability())
 
 
+@pytest.mark.parametrize("extensions_dir", [None, "/tmp/some/extensions"])
+def test_the_library_is_where_torchs_builder_puts_it(extensions_dir, monkeypatch):
+    # cpu_ops finds the folder without importing cpp_extension (setuptools: 0.2 s on a cold
+    # start's first request); the builder it calls must agree.
+    from torch.utils import cpp_extension
+
+    if extensions_dir is None:
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", extensions_dir)
+    monkeypatch.setattr(os, "makedirs", lambda *args, **kwargs: None)  # it creates the folder
+    name = cpu_ops.library_name(cpu_ops.capability())
+    expected = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    assert cpu_ops.library_path(cpu_ops.capability()) == expected
+
+
 def _processes_working_in(folder: Path) -> list[str]:
     """The command names of the processes whose working directory is under `folder` (ninja
     and the compilers it runs work in the library's build folder)."""
