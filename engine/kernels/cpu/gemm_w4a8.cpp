@@ -120,65 +120,59 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// MR rows of x against one tile of 16 columns (AVX2) in halves of 8 columns, H halves a pass:
-// MR x H int16 sums of pairs and MR x H fp32 totals in the 16 ymm beside the weights.
+// MR rows of x against one tile of 16 columns (AVX2), both halves of 8 columns in one pass: MR x 2
+// int16 sums of pairs in registers beside the weights, each broadcast of x serving two products;
+// the fp32 totals, touched once a group, in L1 (in registers they left too few for the pairs).
 template <int MR, typename T>
 __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const QuantizedRows& x, int64_t m0,
                                                         int64_t k_size, const uint8_t* w,
                                                         const c10::Half* w_scale, const T* bias,
                                                         int64_t n0, T* out, int64_t out_stride) {
-  constexpr int H = MR <= 2 ? 2 : 1;
   const int64_t num_groups = k_size / small_batch::kGroup;
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  alignas(32) float sums[MR][kTile];
-  for (int h0 = 0; h0 < 2; h0 += H) {
-    __m256 total[MR][H];
-    for (int m = 0; m < MR; ++m)
-      for (int h = 0; h < H; ++h) total[m][h] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < num_groups; ++g) {
-      __m256i pairs[MR][H];
-      for (int m = 0; m < MR; ++m)
-        for (int h = 0; h < H; ++h) pairs[m][h] = _mm256_setzero_si256();
-      const uint8_t* wg = w + g * kGroupBytes + h0 * 32;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
+  alignas(32) float sums[MR][kTile] = {};
+  for (int64_t g = 0; g < num_groups; ++g) {
+    __m256i pairs[MR][2];
+    const uint8_t* wg = w + g * kGroupBytes;
 #pragma GCC unroll 4
-      for (int i = 0; i < kLoads; ++i) {
-        __m256i low[H], high[H];
-        for (int h = 0; h < H; ++h) {
-          const __m256i packed =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + i * 64 + h * 32));
-          low[h] = _mm256_and_si256(packed, low_nibbles);
-          high[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
-        }
-        for (int m = 0; m < MR; ++m) {
-          const int8_t* xg = x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup;
-          int32_t first, second;  // x's 4 bytes at k = 4i and at 16 + 4i
-          std::memcpy(&first, xg + 4 * i, 4);
-          std::memcpy(&second, xg + 16 + 4 * i, 4);
-          const __m256i x_low = _mm256_set1_epi32(first), x_high = _mm256_set1_epi32(second);
-          for (int h = 0; h < H; ++h) {
-            pairs[m][h] = _mm256_add_epi16(pairs[m][h], _mm256_maddubs_epi16(low[h], x_low));
-            pairs[m][h] = _mm256_add_epi16(pairs[m][h], _mm256_maddubs_epi16(high[h], x_high));
-            int8_rows::keep_in_register(pairs[m][h]);
-          }
-        }
+    for (int i = 0; i < kLoads; ++i) {
+      __m256i low[2], high[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m256i packed =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + i * 64 + h * 32));
+        low[h] = _mm256_and_si256(packed, low_nibbles);
+        high[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
       }
-      for (int h = 0; h < H; ++h) {
-        const c10::Half* s = w_scale + g * 2 * kTile + 8 * (h0 + h);
-        const __m256 step = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-        const __m256 minimum =
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + kTile)));
-        for (int m = 0; m < MR; ++m) {
-          const int64_t row_group = (m0 + m) * num_groups + g;
-          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[m][h], ones));
-          const __m256 xs = _mm256_broadcast_ss(&x.scale[row_group]);
-          total[m][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(step, xs), total[m][h]);
-          total[m][h] =
-              _mm256_fmadd_ps(minimum, _mm256_broadcast_ss(&x.scaled_sum[row_group]), total[m][h]);
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xg = x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup;
+        int32_t first, second;  // x's 4 bytes at k = 4i and at 16 + 4i
+        std::memcpy(&first, xg + 4 * i, 4);
+        std::memcpy(&second, xg + 16 + 4 * i, 4);
+        const __m256i x_low = _mm256_set1_epi32(first), x_high = _mm256_set1_epi32(second);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(low[h], x_low),
+                                                _mm256_maddubs_epi16(high[h], x_high));
+          pairs[m][h] = i == 0 ? both : _mm256_add_epi16(pairs[m][h], both);
+          int8_rows::keep_in_register(pairs[m][h]);
         }
       }
     }
-    for (int m = 0; m < MR; ++m)
-      for (int h = 0; h < H; ++h) _mm256_store_ps(sums[m] + 8 * (h0 + h), total[m][h]);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; ++h) {
+      const c10::Half* s = w_scale + g * 2 * kTile + 8 * h;
+      const __m256 step = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+      const __m256 minimum =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + kTile)));
+      for (int m = 0; m < MR; ++m) {
+        const int64_t row_group = (m0 + m) * num_groups + g;
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[m][h], ones));
+        const __m256 xs = _mm256_broadcast_ss(&x.scale[row_group]);
+        __m256 total = _mm256_load_ps(sums[m] + 8 * h);
+        total = _mm256_fmadd_ps(dot, _mm256_mul_ps(step, xs), total);
+        total = _mm256_fmadd_ps(minimum, _mm256_broadcast_ss(&x.scaled_sum[row_group]), total);
+        _mm256_store_ps(sums[m] + 8 * h, total);
+      }
+    }
   }
   for (int m = 0; m < MR; ++m)
     int8_rows::store16(sums[m], bias ? bias + n0 : nullptr, out + (m0 + m) * out_stride + n0);

@@ -96,59 +96,53 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// MR rows of x against one tile of 16 columns (AVX2) in halves of 8 columns, H halves a pass:
-// MR x H int32 dots and MR x H fp32 totals in the 16 ymm beside the weights.
+// MR rows of x against one tile of 16 columns (AVX2), both halves of 8 columns in one pass: MR x 2
+// int32 dots in registers beside the weights, each broadcast of x serving two products; the fp32
+// totals, touched once a group, in L1 (in registers they left too few for the dots).
 template <int MR, typename T>
 __attribute__((target("avx2,fma"))) void tile_avx2(const QuantizedRows& x, int64_t m0,
                                                    int64_t k_size, const uint8_t* w,
                                                    const float* w_scale, const T* bias, int64_t n0,
                                                    T* out, int64_t out_stride) {
-  constexpr int H = MR <= 2 ? 2 : 1;
   const int64_t num_groups = k_size / small_batch::kGroup;
   const __m256i ones = _mm256_set1_epi16(1), offset = _mm256_set1_epi8(static_cast<char>(0x80));
-  alignas(32) float sums[MR][kTile];
-  for (int h0 = 0; h0 < 2; h0 += H) {
-    __m256 total[MR][H];
+  alignas(32) float sums[MR][kTile] = {};
+  for (int64_t g = 0; g < num_groups; ++g) {
+    __m256i dot[MR][2];
     for (int m = 0; m < MR; ++m)
-      for (int h = 0; h < H; ++h) total[m][h] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < num_groups; ++g) {
-      __m256i dot[MR][H];
-      for (int m = 0; m < MR; ++m)
-        for (int h = 0; h < H; ++h) dot[m][h] = _mm256_setzero_si256();
-      const uint8_t* wg = w + g * small_batch::kGroup * kTile + h0 * 32;
+      for (int h = 0; h < 2; ++h) dot[m][h] = _mm256_setzero_si256();
+    const uint8_t* wg = w + g * small_batch::kGroup * kTile;
 #pragma GCC unroll 8
-      for (int quad = 0; quad < kQuads; ++quad) {
-        __m256i signed_w[H], magnitude[H];
-        for (int h = 0; h < H; ++h) {  // w = stored - 128, in int8
-          signed_w[h] = _mm256_xor_si256(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + quad * 64 + h * 32)),
-              offset);
-          magnitude[h] = _mm256_abs_epi8(signed_w[h]);
-        }
-        for (int m = 0; m < MR; ++m) {
-          int32_t four;  // x's 4 bytes at this step, broadcast to every column
-          std::memcpy(&four, x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup + quad * 4,
-                      4);
-          const __m256i xv = _mm256_set1_epi32(four);
-          for (int h = 0; h < H; ++h) {
-            const __m256i signed_x = _mm256_sign_epi8(xv, signed_w[h]);
-            dot[m][h] = _mm256_add_epi32(
-                dot[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[h], signed_x), ones));
-            int8_rows::keep_in_register(dot[m][h]);
-          }
-        }
+    for (int quad = 0; quad < kQuads; ++quad) {
+      __m256i signed_w[2], magnitude[2];
+      for (int h = 0; h < 2; ++h) {  // w = stored - 128, in int8
+        signed_w[h] = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + quad * 64 + h * 32)),
+            offset);
+        magnitude[h] = _mm256_abs_epi8(signed_w[h]);
       }
-      for (int h = 0; h < H; ++h) {
-        const __m256 sv = _mm256_loadu_ps(w_scale + g * kTile + 8 * (h0 + h));
-        for (int m = 0; m < MR; ++m) {
-          const __m256 xs = _mm256_set1_ps(x.scale[(m0 + m) * num_groups + g]);
-          total[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]), _mm256_mul_ps(sv, xs),
-                                        total[m][h]);
+      for (int m = 0; m < MR; ++m) {
+        int32_t four;  // x's 4 bytes at this step, broadcast to every column
+        std::memcpy(&four, x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup + quad * 4,
+                    4);
+        const __m256i xv = _mm256_set1_epi32(four);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i signed_x = _mm256_sign_epi8(xv, signed_w[h]);
+          dot[m][h] = _mm256_add_epi32(
+              dot[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[h], signed_x), ones));
+          int8_rows::keep_in_register(dot[m][h]);
         }
       }
     }
-    for (int m = 0; m < MR; ++m)
-      for (int h = 0; h < H; ++h) _mm256_store_ps(sums[m] + 8 * (h0 + h), total[m][h]);
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sv = _mm256_loadu_ps(w_scale + g * kTile + 8 * h);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xs = _mm256_set1_ps(x.scale[(m0 + m) * num_groups + g]);
+        const __m256 total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][h]),
+                                             _mm256_mul_ps(sv, xs), _mm256_load_ps(sums[m] + 8 * h));
+        _mm256_store_ps(sums[m] + 8 * h, total);
+      }
+    }
   }
   for (int m = 0; m < MR; ++m)
     int8_rows::store16(sums[m], bias ? bias + n0 : nullptr, out + (m0 + m) * out_stride + n0);
