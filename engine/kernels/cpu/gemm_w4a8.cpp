@@ -17,6 +17,8 @@
 
 #include "int8_rows.h"
 
+#include <utility>
+
 namespace {
 
 using int8_rows::kTile;
@@ -28,6 +30,17 @@ constexpr int64_t kGroupBytes = kLoads * 64;
 inline int nibble(const uint8_t* group, int c, int k) {
   const uint8_t byte = group[((k % 16) / 4 * kTile + c) * 4 + k % 4];
   return k < 16 ? byte & 15 : byte >> 4;
+}
+
+// Row m's x bytes at k = 4i.. and at k = 16 + 4i.. of group g, as two int32: what the i-th load
+// of a packed group's low and high nibbles multiplies.
+inline std::pair<int32_t, int32_t> x_quads(const QuantizedRows& x, int64_t m, int64_t k_size,
+                                           int64_t g, int i) {
+  const int8_t* xg = x.q.data() + m * k_size + g * small_batch::kGroup;
+  int32_t first, second;
+  std::memcpy(&first, xg + 4 * i, 4);
+  std::memcpy(&second, xg + 16 + 4 * i, 4);
+  return {first, second};
 }
 
 // One tile of 16 columns for one row, an int at a time (CPUs without VNNI).
@@ -80,10 +93,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_vnni(
         high[j] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
       }
       for (int m = 0; m < MR; ++m) {
-        const int8_t* xg = x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup;
-        int32_t first, second;  // x's 4 bytes at k = 4i and at 16 + 4i
-        std::memcpy(&first, xg + 4 * i, 4);
-        std::memcpy(&second, xg + 16 + 4 * i, 4);
+        const auto [first, second] = x_quads(x, m0 + m, k_size, g, i);
         const __m512i x_low = _mm512_set1_epi32(first), x_high = _mm512_set1_epi32(second);
         for (int j = 0; j < NR; ++j) {
           dot[m][j] = _mm512_dpbusd_epi32(dot[m][j], low[j], x_low);
@@ -144,10 +154,7 @@ __attribute__((target("avx2,fma,f16c"))) void tile_avx2(const QuantizedRows& x, 
         high[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
       }
       for (int m = 0; m < MR; ++m) {
-        const int8_t* xg = x.q.data() + (m0 + m) * k_size + g * small_batch::kGroup;
-        int32_t first, second;  // x's 4 bytes at k = 4i and at 16 + 4i
-        std::memcpy(&first, xg + 4 * i, 4);
-        std::memcpy(&second, xg + 16 + 4 * i, 4);
+        const auto [first, second] = x_quads(x, m0 + m, k_size, g, i);
         const __m256i x_low = _mm256_set1_epi32(first), x_high = _mm256_set1_epi32(second);
         for (int h = 0; h < 2; ++h) {
           const __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(low[h], x_low),
