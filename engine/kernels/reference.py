@@ -7,6 +7,8 @@ Shapes: a KV cache is `[num_blocks, block_size, num_kv_heads, head_dim]`; a bloc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -96,16 +98,28 @@ def _causal_attention(
         is_allowed = torch.arange(context_len, device=query.device)[None, :] <= q_pos
         mask = torch.zeros(is_allowed.shape, dtype=query.dtype, device=query.device)
         mask.masked_fill_(~is_allowed, float("-inf"))
+    dtype = torch.float32 if _is_sdpa_half_broken() else query.dtype
+    if mask is not None:
+        mask = mask.to(dtype)
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1)[None],  # [1, heads, q_len, d]
-        keys.to(query.dtype)[None],
-        values.to(query.dtype)[None],
+        query.transpose(0, 1)[None].to(dtype),  # [1, heads, q_len, d]
+        keys.to(dtype)[None],
+        values.to(dtype)[None],
         attn_mask=mask,
         is_causal=mask is None,
         scale=scale,
         enable_gqa=True,
     )
-    return out[0].transpose(0, 1)
+    return out[0].transpose(0, 1).to(query.dtype)
+
+
+@functools.cache
+def _is_sdpa_half_broken() -> bool:
+    """torch 2.13's SDPA packs bf16 for AMX when the CPU has AMX, but refuses to ("pack_vnni2 is
+    only supported when avx512 is supported") when told to dispatch lower (ATEN_CPU_CAPABILITY=avx2,
+    how the other instruction sets' libraries are tested on an AMX machine): fp32 there."""
+    return (torch.cpu._is_amx_tile_supported()
+            and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"))
 
 
 def add_rms_norm_reference(
