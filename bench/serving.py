@@ -234,12 +234,15 @@ LLAMA_NGRAM = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
 
 
 def llama_server(llama_bin: Path, kind: str, threads: int) -> tuple[list[str], str, dict]:
-    """`kind`: a GGUF type (F32, BF16, Q8_0, Q4_1), "+ngram" for speculative decoding."""
+    """`kind`: a GGUF type (F32, BF16, Q8_0, Q4_1), "+ngram" for speculative decoding,
+    "+norepack" for no weight repacking (`-nr`: no AMX or AVX repacked matmuls; on a Sapphire
+    Rapids VM, 2026-12-03, this build's AMX Q8_0 path crashed at start with SIGSEGV)."""
     kind, *options = kind.split("+")
     cmd = [str(llama_bin / "llama-server"), "-m", str(gguf_of(llama_bin, kind)), "--host",
            "127.0.0.1", "--port", "{port}", "-np", "32", "-cb", "-no-kvu", "-t", str(threads),
            "-c", str(32 * (PROMPT_TOKENS + NEW_TOKENS + 16)), "--no-warmup",
-           *(LLAMA_NGRAM if "ngram" in options else [])]
+           *(LLAMA_NGRAM if "ngram" in options else []),
+           *(["-nr"] if "norepack" in options else [])]
     return cmd, "/health", {"LD_LIBRARY_PATH": str(llama_bin)}
 
 
