@@ -20,6 +20,7 @@ from engine.weights.prefetch import prefetch_weights
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
+    from engine.weights.s3_reader import S3ObjectReader
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class LoadState(enum.StrEnum):
 
 
 class BackgroundLoader:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, early_reader: S3ObjectReader | None = None):
+        """`early_reader`: the weights already being read (`prefetch_weights`), if they are."""
         self.config = config
+        self._early_reader = early_reader
         self.progress = LoadProgress()
         self.state = LoadState.IDLE
         self.error: BaseException | None = None
@@ -65,8 +68,8 @@ class BackgroundLoader:
             # The S3 read starts first; torch and transformers are imported next, on this
             # thread, while the bytes arrive and the server answers.
             self.progress.set_phase("imports")
-            early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint,
-                                            self.config.verify_weights)
+            early_reader = self._early_reader or prefetch_weights(
+                self.config.model, self.config.s3_endpoint, self.config.verify_weights)
             from engine.llm_engine import LLMEngine
 
             gc.freeze()

@@ -133,3 +133,24 @@ def test_corrupted_weights_fail_ping_naming_file_and_tensor(tiny_on_s3, s3, s3_e
     reason = ping.json()["reason"]
     assert "checksum mismatch" in reason and "s3://models/tiny-flipped/model.tensors" in reason
     assert "lm_head.weight" in reason
+
+
+@pytest.mark.parametrize("is_lazy", [False, True])
+def test_an_engine_process_reads_its_weights_once(tiny_on_s3, s3_endpoint, is_lazy):
+    """Loading at once, the engine's process starts the read before its imports
+    (`run_engine_process`) and the load takes that read; spawned first (`--load-on-first-request`)
+    it reads when told to load. One GET of the weights either way: none twice, none leaked."""
+    from engine.process_client import EngineProcessClient
+
+    with s3_proxy(s3_endpoint) as (endpoint, control):
+        client = EngineProcessClient(EngineConfig(model=URI, s3_endpoint=endpoint))
+        if is_lazy:
+            client.spawn()
+        client.start()
+        try:
+            assert client.wait(120) and client.status()["status"] == "ready"
+        finally:
+            client.shutdown()
+    gets = [r for r in control.requests
+            if r["path"].endswith("tiny-faults/model.tensors") and r["method"] == "GET"]
+    assert len(gets) == 1, gets
