@@ -51,23 +51,20 @@ class Channel:
             self.conn.send((kind, payload))
 
 
-def run_engine_process(config: EngineConfig, conn: Connection, log_level: str,
-                       is_load_at_once: bool = False) -> None:
-    """The process's entry: load, report, then step until told to stop or the server is gone.
-    `is_load_at_once`: the server says "load" at once (not on its first request)."""
+def run_engine_process(config: EngineConfig, conn: Connection, log_level: str) -> None:
+    """The process's entry: load, report, then step until told to stop or the server is gone."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # Ctrl-C reaches the whole process group; the server decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A load that begins at once reads its weights from the first moment, the S3 read's setup
-    # (boto3's import, its client, the GET: ~0.3 s) before torch's import rather than beside it,
-    # where the two took turns at the GIL (`make bench-cold-start`, Sapphire Rapids, 8
-    # alternating runs each: first token median 2.85 -> 2.65 s).
-    early_reader = None
-    if is_load_at_once:
-        from engine.weights.prefetch import prefetch_weights
+    # The weights are read from the first moment, told to load or not yet (a serverless start's
+    # first request comes at once): the S3 read's setup (boto3's import, its client, the GET:
+    # ~0.3 s) before torch's import rather than beside it, where the two took turns at the GIL
+    # (`make bench-cold-start`, Sapphire Rapids, 4 alternating runs of 3 cold starts each way:
+    # first token median 2.88 -> 2.78 s loading at once, 2.82 -> 2.63 s on the first request).
+    from engine.weights.prefetch import prefetch_weights
 
-        early_reader = prefetch_weights(config.model, config.s3_endpoint, config.verify_weights)
+    early_reader = prefetch_weights(config.model, config.s3_endpoint, config.verify_weights)
     if not _wait_for_load(conn):
         if early_reader is not None:
             early_reader.close()

@@ -64,7 +64,7 @@ class EngineProcessClient(AsyncEngineClient):
                 return
             self.state = LoadState.LOADING
             if self._process is None:
-                self._spawn(is_load_at_once=True)
+                self._spawn()
         try:
             self._send("load", None)
         except OSError as e:  # the process has gone; its reader has the exit code, or will
@@ -73,14 +73,13 @@ class EngineProcessClient(AsyncEngineClient):
             self.state = LoadState.FAILED
             self._done.set()
 
-    def _spawn(self, is_load_at_once: bool = False) -> None:
+    def _spawn(self) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a process that has threads
         self._conn, child_conn = context.Pipe()
         # Not a daemon: a daemon may not start the tensor-parallel workers. It stops when told,
         # or by itself once the pipe closes (this process gone).
         self._process = context.Process(target=run_engine_process, name="engine",
-                                        args=(self.config, child_conn, self.log_level,
-                                              is_load_at_once))
+                                        args=(self.config, child_conn, self.log_level))
         self._process.start()
         child_conn.close()
         threading.Thread(target=self._read, name="engine-process-reader", daemon=True).start()

@@ -137,9 +137,9 @@ def test_corrupted_weights_fail_ping_naming_file_and_tensor(tiny_on_s3, s3, s3_e
 
 @pytest.mark.parametrize("is_lazy", [False, True])
 def test_an_engine_process_reads_its_weights_once(tiny_on_s3, s3_endpoint, is_lazy):
-    """Loading at once, the engine's process starts the read before its imports
-    (`run_engine_process`) and the load takes that read; spawned first (`--load-on-first-request`)
-    it reads when told to load. One GET of the weights either way: none twice, none leaked."""
+    """The engine's process starts the read before its imports (`run_engine_process`), told to
+    load at once or spawned first (`--load-on-first-request`), and the load takes that read: one
+    GET of the weights either way, none twice."""
     from engine.process_client import EngineProcessClient
 
     with s3_proxy(s3_endpoint) as (endpoint, control):
