@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-from engine.weights.errors import WeightsError
 from engine.weights.s3 import S3Location, object_size, s3_client
 from engine.weights.s3_reader import S3ObjectReader
 
@@ -29,7 +28,7 @@ def prefetch_weights(model: str, s3_endpoint: str | None,
         location = S3Location.parse(model.rstrip("/"))
         client = s3_client(s3_endpoint)
         size = object_size(client, location, WEIGHTS_FILE)
-    except (WeightsError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a profile missing, say: the load says it again
         logger.info("%s: not read early (%s)", model, e)
         return None
     reader = S3ObjectReader(client, location, WEIGHTS_FILE, size)

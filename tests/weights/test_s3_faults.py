@@ -154,3 +154,21 @@ def test_an_engine_process_reads_its_weights_once(tiny_on_s3, s3_endpoint, is_la
     gets = [r for r in control.requests
             if r["path"].endswith("tiny-faults/model.tensors") and r["method"] == "GET"]
     assert len(gets) == 1, gets
+
+
+def test_an_early_read_that_cannot_start_leaves_the_load_to_say_why(tiny_on_s3, s3_endpoint,
+                                                                    monkeypatch):
+    """The engine's process starts its read before anything reports for it: a failure there (a
+    missing AWS profile: boto3 refuses to make a client) is the load's to report, in /ping's
+    reason, not an engine process gone without one."""
+    from engine.process_client import EngineProcessClient
+
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    client = EngineProcessClient(EngineConfig(model=URI, s3_endpoint=s3_endpoint))
+    client.start()
+    try:
+        assert client.wait(120)
+        status = client.status()
+        assert status["status"] == "failed" and "no-such-profile" in status["reason"], status
+    finally:
+        client.shutdown()
