@@ -33,10 +33,10 @@ class LoadState(enum.StrEnum):
 
 
 class BackgroundLoader:
-    def __init__(self, config: EngineConfig, early_reader: S3ObjectReader | None = None):
-        """`early_reader`: the weights already being read (`prefetch_weights`), if they are."""
+    def __init__(self, config: EngineConfig):
         self.config = config
-        self._early_reader = early_reader
+        self._early_reader: S3ObjectReader | None = None
+        self._has_started_reading = False
         self.progress = LoadProgress()
         self.state = LoadState.IDLE
         self.error: BaseException | None = None
@@ -53,6 +53,20 @@ class BackgroundLoader:
             self.state = LoadState.LOADING
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
+    def start_reading(self) -> None:
+        """Start the S3 read of the weights now, before the load is asked for (once: the load
+        takes this read; later calls do nothing). Torch-free."""
+        if not self._has_started_reading:
+            self._has_started_reading = True
+            self._early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint,
+                                                  self.config.verify_weights)
+
+    def abandon_reading(self) -> None:
+        """Stop an early read whose load will never come."""
+        if self._early_reader is not None:
+            self._early_reader.close()
+            self._early_reader = None
+
     def wait(self, timeout: float | None = None) -> bool:
         """True once loading ended, ready or failed."""
         return self._done.wait(timeout)
@@ -68,8 +82,8 @@ class BackgroundLoader:
             # The S3 read starts first; torch and transformers are imported next, on this
             # thread, while the bytes arrive and the server answers.
             self.progress.set_phase("imports")
-            early_reader = self._early_reader or prefetch_weights(
-                self.config.model, self.config.s3_endpoint, self.config.verify_weights)
+            self.start_reading()
+            early_reader, self._early_reader = self._early_reader, None  # the load's from here
             from engine.llm_engine import LLMEngine
 
             gc.freeze()

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 from engine.inbox import Inbox
 
 if TYPE_CHECKING:
+    from engine.background import BackgroundLoader
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
-    from engine.weights.s3_reader import S3ObjectReader
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +62,15 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: str) -
     # ~0.3 s) before torch's import rather than beside it, where the two took turns at the GIL
     # (`make bench-cold-start`, Sapphire Rapids, 4 alternating runs of 3 cold starts each way:
     # first token median 2.88 -> 2.78 s loading at once, 2.82 -> 2.63 s on the first request).
-    from engine.weights.prefetch import prefetch_weights
+    from engine.background import BackgroundLoader
 
-    early_reader = prefetch_weights(config.model, config.s3_endpoint, config.verify_weights)
+    loader = BackgroundLoader(config)
+    loader.start_reading()
     if not _wait_for_load(conn):
-        if early_reader is not None:
-            early_reader.close()
+        loader.abandon_reading()
         return
     channel = Channel(conn)
-    engine = _load(config, channel, early_reader)
+    engine = _load(loader, channel)
     if engine is None:
         return
     try:
@@ -93,11 +93,9 @@ def _wait_for_load(conn: Connection) -> bool:
     return kind == "load"
 
 
-def _load(config: EngineConfig, channel: Channel,
-          early_reader: S3ObjectReader | None) -> LLMEngine | None:
-    from engine.background import BackgroundLoader, LoadState
+def _load(loader: BackgroundLoader, channel: Channel) -> LLMEngine | None:
+    from engine.background import LoadState
 
-    loader = BackgroundLoader(config, early_reader)
     loader.start()
     while not loader.wait(STATUS_INTERVAL):
         channel.send("status", loader.status())

@@ -135,22 +135,31 @@ def test_corrupted_weights_fail_ping_naming_file_and_tensor(tiny_on_s3, s3, s3_e
     assert "lm_head.weight" in reason
 
 
+def _status_of_engine_process_load(config: EngineConfig, is_lazy: bool = False) -> dict:
+    """Load `config` in an engine process (spawned first, as `--load-on-first-request` does, if
+    `is_lazy`); its status once the load has ended."""
+    from engine.process_client import EngineProcessClient
+
+    client = EngineProcessClient(config)
+    if is_lazy:
+        client.spawn()
+    client.start()
+    try:
+        assert client.wait(120)
+        return client.status()
+    finally:
+        client.shutdown()
+
+
 @pytest.mark.parametrize("is_lazy", [False, True])
 def test_an_engine_process_reads_its_weights_once(tiny_on_s3, s3_endpoint, is_lazy):
     """The engine's process starts the read before its imports (`run_engine_process`), told to
     load at once or spawned first (`--load-on-first-request`), and the load takes that read: one
     GET of the weights either way, none twice."""
-    from engine.process_client import EngineProcessClient
-
     with s3_proxy(s3_endpoint) as (endpoint, control):
-        client = EngineProcessClient(EngineConfig(model=URI, s3_endpoint=endpoint))
-        if is_lazy:
-            client.spawn()
-        client.start()
-        try:
-            assert client.wait(120) and client.status()["status"] == "ready"
-        finally:
-            client.shutdown()
+        status = _status_of_engine_process_load(EngineConfig(model=URI, s3_endpoint=endpoint),
+                                                is_lazy)
+        assert status["status"] == "ready"
     gets = [r for r in control.requests
             if r["path"].endswith("tiny-faults/model.tensors") and r["method"] == "GET"]
     assert len(gets) == 1, gets
@@ -161,14 +170,6 @@ def test_an_early_read_that_cannot_start_leaves_the_load_to_say_why(tiny_on_s3, 
     """The engine's process starts its read before anything reports for it: a failure there (a
     missing AWS profile: boto3 refuses to make a client) is the load's to report, in /ping's
     reason, not an engine process gone without one."""
-    from engine.process_client import EngineProcessClient
-
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
-    client = EngineProcessClient(EngineConfig(model=URI, s3_endpoint=s3_endpoint))
-    client.start()
-    try:
-        assert client.wait(120)
-        status = client.status()
-        assert status["status"] == "failed" and "no-such-profile" in status["reason"], status
-    finally:
-        client.shutdown()
+    status = _status_of_engine_process_load(EngineConfig(model=URI, s3_endpoint=s3_endpoint))
+    assert status["status"] == "failed" and "no-such-profile" in status["reason"], status

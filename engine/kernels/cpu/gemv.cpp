@@ -19,17 +19,17 @@ inline void load_floats(const T* p, Vec& lo, Vec& hi) {
   std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
 }
 
-// The two cache lines kPrefetchBytes ahead of `p` in the weight stream, asked for now: the
+// The cache lines of kBytes (one step of a loop) kPrefetchBytes ahead of `p` in the weight
+// stream, asked for now: the
 // hardware's prefetchers alone left the reads at ~22 ms for SmolLM2's fp32 linears at one row
 // (540 MB in huge pages, Sapphire Rapids, 2 threads), 18-19 ms with these (512 / 1,024 / 1,536 /
 // 2,048 bytes ahead: 18.9 / 18.2-18.7 / 18.0-18.6 / 18.2-18.5 ms at one row, 22.5 / 21.3-22.4 /
 // 22.7-23.5 / 24.3-26.3 at four). Past the end of the weights they ask for nothing harmful.
 constexpr int64_t kPrefetchBytes = 1024;
-template <typename W>
+template <int64_t kBytes, typename W>
 inline void prefetch_ahead(const W* p) {
   const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-  __builtin_prefetch(ahead, 0, 3);
-  __builtin_prefetch(ahead + 64, 0, 3);
+  for (int64_t line = 0; line < kBytes; line += 64) __builtin_prefetch(ahead + line, 0, 3);
 }
 
 // M rows of x (fp32, [M, K]) against weight rows [n_begin, n_end): each weight row is read once.
@@ -44,7 +44,7 @@ void gemv_rows(const float* x, const W* weight, const W* bias, int64_t k_size, i
     Vec acc[M];
     for (int m = 0; m < M; ++m) acc[m] = Vec(0.f);
     for (int64_t k = 0; k < k_main; k += kStep) {
-      prefetch_ahead(w + k);
+      prefetch_ahead<kStep * sizeof(W)>(w + k);
       Vec w_lo, w_hi;
       load_floats(w + k, w_lo, w_hi);
       for (int m = 0; m < M; ++m) {
@@ -76,7 +76,7 @@ __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl"))) void gemv_rows_d
     __m512 acc[M][2];
     for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < k_main; k += kStep) {
-      prefetch_ahead(w + k);
+      prefetch_ahead<kStep * sizeof(c10::BFloat16)>(w + k);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
       for (int m = 0; m < M; ++m) {
