@@ -19,17 +19,22 @@ inline void load_floats(const T* p, Vec& lo, Vec& hi) {
   std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
 }
 
-// The cache lines of kBytes (one step of a loop) kPrefetchBytes ahead of `p` in the weight
-// stream, asked for now: the
-// hardware's prefetchers alone left the reads at ~22 ms for SmolLM2's fp32 linears at one row
-// (540 MB in huge pages, Sapphire Rapids, 2 threads), 18-19 ms with these (512 / 1,024 / 1,536 /
-// 2,048 bytes ahead: 18.9 / 18.2-18.7 / 18.0-18.6 / 18.2-18.5 ms at one row, 22.5 / 21.3-22.4 /
-// 22.7-23.5 / 24.3-26.3 at four). Past the end of the weights they ask for nothing harmful.
-constexpr int64_t kPrefetchBytes = 1024;
+// The cache lines of kBytes (one step of a loop) ahead of `p` in the weight stream, asked for
+// now: into L1 1 KiB ahead and into L2 4 KiB ahead. A core's own misses to L1 are few at a time,
+// and they bounded the read (SmolLM2's fp32 linears at one row, 540 MB in huge pages, Sapphire
+// Rapids, 2 threads: the hardware's prefetchers alone ~22 ms; with L1 hints 512 / 1,024 /
+// 1,536 / 2,048 bytes ahead 18.9 / 18.2-18.7 / 18.0-18.6 / 18.2-18.5 ms); the L2 hints go
+// through L2's deeper queue (5 alternating runs, 1 / 2 / 4 rows: 18.0 / 19.2 / 21.4 ->
+// 16.8 / 18.1 / 19.1 ms; 3 or 6 KiB ahead, or to L3, gained less). Past the end of the
+// weights they ask for nothing harmful.
+constexpr int64_t kL1PrefetchBytes = 1024, kL2PrefetchBytes = 4096;
 template <int64_t kBytes, typename W>
 inline void prefetch_ahead(const W* p) {
-  const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-  for (int64_t line = 0; line < kBytes; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t line = 0; line < kBytes; line += 64) {
+    __builtin_prefetch(bytes + kL1PrefetchBytes + line, 0, 3);
+    __builtin_prefetch(bytes + kL2PrefetchBytes + line, 0, 2);
+  }
 }
 
 // M rows of x (fp32, [M, K]) against weight rows [n_begin, n_end): each weight row is read once.
