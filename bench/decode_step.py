@@ -66,6 +66,8 @@ def main() -> None:
               max_num_seqs=64, compile_decode=args.compile_decode,
               attention_backend=args.attention_backend, quantization=args.quantization)
     llm.engine.runner.wait_for_weight_mover()  # the move into huge pages, in the background
+    while not llm.engine.runner.calibrate_small_batch_rows():  # as a server does when idle
+        pass
     if args.compile_decode:
         start = time.perf_counter()
         if not llm.engine.runner.compiled_decode.is_ready.wait(900):

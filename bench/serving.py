@@ -192,6 +192,7 @@ def percentile(values: list[float], q: float) -> float:
 # -- the servers ------------------------------------------------------------------------------
 
 
+SETTLE_S = 5.0  # idle after the warm-up: the engine's background work done (`main`)
 NGRAM_CONFIG = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
 
 
@@ -302,6 +303,12 @@ def main() -> None:
                 for name, cmd, path, env in servers}
         models = {name: httpx.get(url + "/v1/models").json()["data"][0]["id"]
                   for name, url in urls.items()}
+        # Each server warm before anything is timed: this one packs and moves its weights after
+        # its first steps and times its kernels when idle next (~3 s of both cores), which would
+        # otherwise fall in its own first load or in the next server's turn.
+        for name, url in urls.items():
+            asyncio.run(run_load(url, 1, 1, models[name]))
+        time.sleep(SETTLE_S)
         for n in args.clients:
             per_client = args.requests_per_client or 2
             for round_index in range(args.rounds):

@@ -259,8 +259,10 @@ class LLMEngine:
     def when_idle(self) -> None:
         """What a warm server has done and no request should wait for (nor share the GIL
         with): the weights packed and moved, transformers' part of the tokenizer, for chat
-        templates. Called by the step loop after half a second with nothing to do; idempotent."""
+        templates, the small-batch kernels' limit timed once they are. Called by the step loop
+        after half a second with nothing to do; idempotent."""
         self.runner.start_weight_mover()
+        self.runner.calibrate_small_batch_rows()
         if self.tokenizer is not None:
             self.tokenizer.preload()
 

@@ -21,6 +21,7 @@ from engine.compiled_decode import CompiledDecodeStep, DecodeInputs
 from engine.config import CacheConfig, ModelConfig
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.layers.attention import AttentionBackend, AttentionMetadata
+from engine.layers.calibration import SmallBatchCalibration
 from engine.layers.linear import (
     can_pack,
     max_small_batch_rows,
@@ -123,6 +124,7 @@ class ModelRunner:
         self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
         self.max_stack_rows = max_small_batch_rows(quantization)
         self.may_build_stack = True
+        self.calibration: SmallBatchCalibration | None = None
         if can_pack(device, dtype):
             logger.info("CPU linears for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",
@@ -150,6 +152,24 @@ class ModelRunner:
         if self.weight_mover is not None and not self.is_mover_started:
             self.is_mover_started = True
             self.weight_mover.start()
+
+    def calibrate_small_batch_rows(self) -> bool:
+        """Once the weights are packed and moved (never while they are), one step of timing the
+        small-batch kernels against oneDNN at more rows (engine/layers/calibration.py); when the
+        last is done, the kernels and the C++ decoder stack take steps of as many rows as they
+        won at. True once there is nothing left to time. Not across tensor-parallel ranks, which
+        would each choose."""
+        if self.weight_mover is None or self.tp.world_size > 1:
+            return True
+        if not self.is_mover_started or self.weight_mover.is_alive():
+            return False
+        if self.calibration is None:
+            self.calibration = SmallBatchCalibration(self.model, self.dtype)
+        rows = self.calibration.step()
+        if rows is not None and rows > self.max_stack_rows:
+            logger.info("the small-batch kernels take up to %d rows on this machine", rows)
+            self.max_stack_rows = rows
+        return self.calibration.is_done
 
     def wait_for_weight_mover(self, start: bool = True) -> None:
         """Packing and moving take about a second; `start=False`: only one already started."""
