@@ -19,7 +19,11 @@ from tests.tiny_models import hf_greedy, random_prompts
 
 needs_onednn = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32),
                                   reason="no oneDNN")
-needs_kernels = pytest.mark.skipif(not cpu_ops.load(), reason="no C++ kernels")
+
+
+@pytest.fixture
+def kernels() -> None:
+    assert cpu_ops.load(), "the C++ CPU kernels did not build (see the log)"
 
 
 @pytest.mark.parametrize(("timings", "expected"), [
@@ -43,8 +47,7 @@ def _model(quantizations: tuple[str | None, ...]) -> nn.Module:
 
 
 @needs_onednn
-@needs_kernels
-def test_one_row_count_a_step_until_the_kernels_lose(monkeypatch):
+def test_one_row_count_a_step_until_the_kernels_lose(kernels, monkeypatch):
     model = _model((None, None, "w8a8"))
     plain, w8a8 = model[0], model[2]
     floors = (plain.max_small_batch_rows, w8a8.max_small_batch_rows)
@@ -70,8 +73,7 @@ def test_one_row_count_a_step_until_the_kernels_lose(monkeypatch):
 
 
 @needs_onednn
-@needs_kernels
-def test_a_first_loss_keeps_each_linears_own_limit(monkeypatch):
+def test_a_first_loss_keeps_each_linears_own_limit(kernels, monkeypatch):
     model = _model((None, "int8"))
     floors = [m.max_small_batch_rows for m in model]
     monkeypatch.setattr(calibration, "_time_paths", lambda linears, rows, dtype: (2.0, 1.0))
@@ -89,8 +91,7 @@ def test_nothing_to_choose_before_packing(monkeypatch):
 
 
 @needs_onednn
-@needs_kernels
-def test_real_timings_choose_by_the_rule_and_the_path_taken_is_right():
+def test_real_timings_choose_by_the_rule_and_the_path_taken_is_right(kernels):
     model = _model((None, None))
     floor = model[0].max_small_batch_rows
     calibrating = SmallBatchCalibration(model, torch.float32)
@@ -106,10 +107,9 @@ def test_real_timings_choose_by_the_rule_and_the_path_taken_is_right():
 
 
 @needs_onednn
-@needs_kernels
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_greedy_tokens_unchanged_once_the_kernels_take_more_rows(tiny_model_dirs, kind,
-                                                                 monkeypatch):
+def test_greedy_tokens_unchanged_once_the_kernels_take_more_rows(kernels, tiny_model_dirs,
+                                                                 kind, monkeypatch):
     folder = tiny_model_dirs[kind]
     llm = LLM(folder)
     runner = llm.engine.runner
@@ -123,3 +123,24 @@ def test_greedy_tokens_unchanged_once_the_kernels_take_more_rows(tiny_model_dirs
     outputs = llm.generate(prompts, params)
     assert runner.decoder_stack is not None  # seven sequences decoded through it
     assert [o.token_ids for o in outputs] == [hf_greedy(folder, p, 8) for p in prompts]
+
+
+@needs_onednn
+def test_a_failed_timing_leaves_the_limits_and_the_engine_serving(kernels, tiny_model_dirs,
+                                                                  monkeypatch):
+    llm = LLM(tiny_model_dirs["llama"])
+    runner = llm.engine.runner
+    runner.wait_for_weight_mover()
+    before = runner.max_stack_rows
+
+    def broken(linears, rows, dtype):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(calibration, "_time_paths", broken)
+    llm.engine.when_idle()  # as the step loop calls it; it must not raise
+    assert runner.calibrate_small_batch_rows()  # nothing left to time
+    assert runner.max_stack_rows == before
+    prompt = random_prompts(1, 5, 5, seed=4)[0]
+    [output] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
+                                                     ignore_eos=True))
+    assert output.token_ids == hf_greedy(tiny_model_dirs["llama"], prompt, 4)
