@@ -160,10 +160,15 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], re
     result.num_tokens += NEW_TOKENS  # EOS suppressed: every request makes exactly this many
 
 
+def num_load_prompts(num_clients: int, requests_per_client: int) -> int:
+    return num_clients * requests_per_client + 1  # and a warm-up request's
+
+
 async def run_load(url: str, num_clients: int, requests_per_client: int, model: str,
-                   round_index: int = 0) -> Result:
-    num_prompts = num_clients * requests_per_client + 1
-    all_prompts = prompts(num_prompts, round_index * num_prompts)
+                   first_prompt: int = 0) -> Result:
+    """`first_prompt`: where this load's prompts start among the text's windows; each load and
+    round takes new ones (`main`), and every server the same ones."""
+    all_prompts = prompts(num_load_prompts(num_clients, requests_per_client), first_prompt)
     result = Result()
     # A new connection per request: llama-server closes idle keep-alive connections, and a
     # request sent on one just as it closes fails. Loopback connections cost nothing here.
@@ -180,6 +185,13 @@ async def run_load(url: str, num_clients: int, requests_per_client: int, model: 
         await asyncio.gather(*(client_loop(i) for i in range(num_clients)))
         result.wall_s = time.perf_counter() - start
     return result
+
+
+async def warm_up(url: str, model: str) -> None:
+    """One request of ids no timed load sends (the text's windows): no prompt cache helps one."""
+    prompt = list(range(1000, 1000 + PROMPT_TOKENS))
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one_request(client, url, prompt, Result(), model)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -307,16 +319,18 @@ def main() -> None:
         # its first steps and times its kernels when idle next (~3 s of both cores), which would
         # otherwise fall in its own first load or in the next server's turn.
         for name, url in urls.items():
-            asyncio.run(run_load(url, 1, 1, models[name]))
+            asyncio.run(warm_up(url, models[name]))
         time.sleep(SETTLE_S)
+        first_prompt = 0  # no load reuses another's prompts: no prompt cache helps anyone
         for n in args.clients:
             per_client = args.requests_per_client or 2
             for round_index in range(args.rounds):
                 for name, url in urls.items():
-                    r = asyncio.run(run_load(url, n, per_client, models[name], round_index))
+                    r = asyncio.run(run_load(url, n, per_client, models[name], first_prompt))
                     rows[name].setdefault(n, []).append(r)
                     print(f"  {name}, {n} clients, round {round_index + 1}: {r.tok_s:.1f} tok/s",
                           file=sys.stderr)
+                first_prompt += num_load_prompts(n, per_client)
     print_table(rows, args.clients)
 
 
