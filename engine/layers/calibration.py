@@ -12,6 +12,7 @@ them) and raises the limit to the largest count up to which the kernels won at e
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
@@ -19,7 +20,9 @@ import torch
 from torch import nn
 
 from engine.kernels import cpu_ops
-from engine.layers.linear import INT8_ACTIVATIONS, PackedLinear
+from engine.layers.linear import PackedLinear
+
+logger = logging.getLogger(__name__)
 
 CANDIDATE_ROWS = (8, 16, 32)
 NUM_REPEATS = 3  # alternating kernel / oneDNN passes per row count; the median of each
@@ -44,9 +47,9 @@ class SmallBatchCalibration:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.dtype = dtype
-        # w8a8 and w4a8 have no oneDNN path: nothing to choose for them
-        self.linears = [m for m in model.modules() if isinstance(m, PackedLinear)
-                        and m.packed_weight is not None and m.quantization not in INT8_ACTIVATIONS]
+        # Packed for oneDNN: w8a8 and w4a8 never are (no oneDNN path), nothing to choose there
+        self.linears = [m for m in model.modules()
+                        if isinstance(m, PackedLinear) and m.packed_weight is not None]
         self.floor = min((m.max_small_batch_rows for m in self.linears), default=0)
         has_choice = bool(self.linears) and cpu_ops.is_loaded()
         self.pending = [rows for rows in CANDIDATE_ROWS if rows > self.floor] if has_choice else []
@@ -59,11 +62,18 @@ class SmallBatchCalibration:
 
     def step(self) -> int | None:
         """Time the next row count; once the last is timed (or the kernels lost), set the limit
-        chosen and return it. None before that, and where there is nothing to choose."""
+        chosen and return it. None before that, and where there is nothing to choose. A failure
+        while timing is logged and ends it with every limit as it was: a choice of speed is
+        never worth the engine's step loop, which calls this when idle."""
         if not self.pending:
             return None
         rows = self.pending.pop(0)
-        self.timings[rows] = kernel_s, onednn_s = _time_paths(self.linears, rows, self.dtype)
+        try:
+            self.timings[rows] = kernel_s, onednn_s = _time_paths(self.linears, rows, self.dtype)
+        except Exception:  # noqa: BLE001 - see above
+            logger.exception("timing the small-batch kernels failed; their limits stay")
+            self.pending = []
+            return None
         if kernel_s >= onednn_s:
             self.pending = []  # lost here: larger counts are not tried
         if self.pending:
