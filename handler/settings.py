@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where ranks 1..N-1 run: mp, processes on this host; ray, actors of a Ray cluster "
         "(pip install '.[ray]'; RAY_ADDRESS to join one)")
     add("--verify-weights", action=argparse.BooleanOptionalAction, default=True,
-        help="check the weights' checksums while loading (S3: the manifest's sha256 as the bytes "
-        "arrive; a folder: tensorizer's per-tensor ones); a mismatch fails the load; "
-        "--no-verify-weights skips it")
+        help="check the weights' checksums while loading (S3: the manifest's XXH3-128 as the "
+        "bytes arrive; a folder, or an older manifest without it: tensorizer's per-tensor "
+        "ones); a mismatch fails the load; --no-verify-weights skips it")
     add("--engine-process", action=argparse.BooleanOptionalAction, default=True,
         help="run the engine in a process of its own, so the HTTP side never competes with a "
         "step for the GIL (--no-engine-process: a thread of the server's process)")

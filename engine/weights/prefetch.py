@@ -21,7 +21,7 @@ PREFETCH_BYTES = 1 << 30  # held in memory at most, ahead of the deserializer
 def prefetch_weights(model: str, s3_endpoint: str | None,
                      hash_weights: bool = True) -> S3ObjectReader | None:
     """For an s3:// model: its weights object, already being read (and hashed, for the
-    manifest's sha256, if `hash_weights`); else None."""
+    manifest's digest, if `hash_weights`); else None."""
     if not model.startswith("s3://"):
         return None
     try:

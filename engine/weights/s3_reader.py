@@ -131,9 +131,9 @@ class S3ObjectReader(io.RawIOBase):
         self.digest: ReadDigest | None = None
 
     def hash_object(self) -> ReadDigest:
-        """Hash the object in order as its bytes come, on a thread of its own: the first range
-        as it arrives (an early read's arrives while the engine imports), the others (if the
-        read was split) as they are read. Called before `start` and the first read."""
+        """Hash the object in order as its bytes come: the first range as it arrives (an early
+        read's arrives while the engine imports), the others (if the read was split) as they
+        are read. Called before `start` and the first read."""
         self.digest = ReadDigest()
         self._ranges[0].on_receive = self.digest.feed
         return self.digest
@@ -175,8 +175,6 @@ class S3ObjectReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            if self.digest is not None:
-                self.digest.close()
             for part in self._ranges:
                 part.abandon()
             self._pool.shutdown(wait=False, cancel_futures=True)

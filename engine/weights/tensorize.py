@@ -2,7 +2,8 @@
 
 The artifact: `model.tensors` (this engine's module layout, in the chosen dtype), `config.json`,
 `generation_config.json`, the tokenizer files (chat template included) and `manifest.json`
-(dtype, parameter count, bytes, sha256 of the weights). With `tensor_parallel_size` N > 1 the
+(dtype, parameter count, bytes, sha256 and XXH3-128 of the weights: the loader checks the
+latter). With `tensor_parallel_size` N > 1 the
 weights are cut for N ranks instead, one `model-rank-RRR.tensors` each (vLLM's layout), so that
 each rank of a tensor-parallel server reads only its share.
 """
@@ -25,6 +26,7 @@ from engine.distributed.sharding import check_divisible, shard_model
 from engine.distributed.tensor_parallel import TensorParallel
 from engine.models import model_class
 from engine.tokenizer import write_facts
+from engine.weights.digest import ALGORITHM, new_hash
 from engine.weights.loader import open_source
 from engine.weights.s3 import S3Location, s3_client, upload_folder
 from engine.weights.safetensors import load_folder_tokenizer
@@ -49,12 +51,14 @@ _ARCHITECTURES = {
 }
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def hash_file(path: Path, chunk_size: int = 1 << 22) -> dict[str, str]:
+    """The file's sha256 (for `sha256sum`) and the digest the loader checks, in one pass."""
+    hashes = {"sha256": hashlib.sha256(), ALGORITHM: new_hash()}
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+            for digest in hashes.values():
+                digest.update(chunk)
+    return {name: digest.hexdigest() for name, digest in hashes.items()}
 
 
 def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
@@ -63,7 +67,7 @@ def _write_weights(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     serializer = TensorSerializer(str(path))
     serializer.write_module(model, include_non_persistent_buffers=False)
     serializer.close()
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"bytes": path.stat().st_size, **hash_file(path)}
 
 
 def _write_rank_weights(model: torch.nn.Module, folder: Path, num_ranks: int) -> dict[str, Any]:
@@ -79,6 +83,7 @@ def _write_rank_weights(model: torch.nn.Module, folder: Path, num_ranks: int) ->
         "tensor_parallel_size": num_ranks,
         "rank_weights_bytes": [f["bytes"] for f in files],
         "rank_weights_sha256": [f["sha256"] for f in files],
+        f"rank_weights_{ALGORITHM}": [f[ALGORITHM] for f in files],
     }
 
 
@@ -99,7 +104,8 @@ def write_artifact(src: str, folder: Path, dtype: str,
         weights = _write_rank_weights(model, folder, tensor_parallel_size)
     else:
         written = _write_weights(model, folder / WEIGHTS_FILE)
-        weights = {"weights_bytes": written["bytes"], "weights_sha256": written["sha256"]}
+        weights = {"weights_bytes": written["bytes"], "weights_sha256": written["sha256"],
+                   f"weights_{ALGORITHM}": written[ALGORITHM]}
     (folder / "config.json").write_text(json.dumps(_clean_config(hf_config, dtype), indent=2))
     generation = source.generation_config() or {
         k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config

@@ -21,6 +21,7 @@ from torch import nn
 from engine.distributed.sharding import shard_model
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.tokenizer import FACTS_FILE, Tokenizer
+from engine.weights.digest import ALGORITHM
 from engine.weights.prefetch import WEIGHTS_FILE
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
 from engine.weights.s3_reader import PIECE_BYTES, S3ObjectReader
@@ -170,11 +171,12 @@ class TensorizerSource(WeightSource):
             model = model_cls(config)
             if num_ranks > 1:
                 shard_model(model, self.tp)  # the shapes of this rank's tensors
-        expected_sha256 = self._expected_sha256() if self.verify_hash else None
-        # From S3, the manifest's sha256 of the whole object, hashed on a core of its own as the
-        # bytes come (`S3ObjectReader.hash_object`); else tensorizer's per-tensor checksums.
+        expected = self._expected_digest() if self.verify_hash else None
+        # From S3, the manifest's digest of the whole object, hashed as the bytes come
+        # (`S3ObjectReader.hash_object`); else (a file, or an artifact whose manifest predates
+        # the digest) tensorizer's per-tensor checksums.
         digest = None
-        if expected_sha256 is not None and isinstance(stream, S3ObjectReader):
+        if expected is not None and isinstance(stream, S3ObjectReader):
             digest = stream.digest or stream.hash_object()
         try:
             deserializer = TensorDeserializer(
@@ -185,7 +187,7 @@ class TensorizerSource(WeightSource):
                 self._place_tensors(model, deserializer, progress)
                 if digest is not None:
                     stream.read()  # the object's end, past the last tensor: all of it hashed
-                    self._check_sha256(digest.hexdigest(), expected_sha256)
+                    self._check_digest(digest.hexdigest(), expected)
         except WeightsError:
             raise
         except HashMismatchError as e:
@@ -203,13 +205,14 @@ class TensorizerSource(WeightSource):
             stream.close()
         return model
 
-    def _expected_sha256(self) -> str | None:
+    def _expected_digest(self) -> str | None:
         manifest = self.manifest()
         if self.num_artifact_ranks() > 1:
-            return manifest.get("rank_weights_sha256", [None] * self.tp.world_size)[self.tp.rank]
-        return manifest.get("weights_sha256")
+            digests = manifest.get(f"rank_weights_{ALGORITHM}", [None] * self.tp.world_size)
+            return digests[self.tp.rank]
+        return manifest.get(f"weights_{ALGORITHM}")
 
-    def _check_sha256(self, actual: str | None, expected: str) -> None:
+    def _check_digest(self, actual: str | None, expected: str) -> None:
         if actual is None:  # read out of order (never, as tensorizer reads): hash it again
             logger.warning("%s/%s: read out of order; hashing it again", self.uri,
                            self.weights_file)
@@ -220,14 +223,14 @@ class TensorizerSource(WeightSource):
                 actual = digest.hexdigest()
         if actual != expected:
             detail = self._corrupt_tensor() or (
-                f"its sha256 is {actual}, the manifest says {expected}")
+                f"its {ALGORITHM} is {actual}, the manifest says {expected}")
             raise CorruptWeightsError(
                 f"{self.uri}/{self.weights_file}: checksum mismatch, the file is corrupted "
                 f"({detail})")
 
     def _corrupt_tensor(self) -> str | None:
         """Which tensor's own checksum fails, by tensorizer's (read again: only once the whole
-        object's sha256 has failed), or None if none does (the bytes between tensors)."""
+        object's digest has failed), or None if none does (the bytes between tensors)."""
         from tensorizer import TensorDeserializer
         from tensorizer.serialization import HashMismatchError
 

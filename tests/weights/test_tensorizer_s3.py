@@ -3,10 +3,12 @@ and one clear error per fault, in bounded time."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from engine import LLM, SamplingParams
 from engine.tokenizer import FACTS_FILE
@@ -28,6 +30,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 def tiny_on_s3(tiny_llama_dir, s3, s3_endpoint) -> str:
     manifest = tensorize(tiny_llama_dir, "s3://models/tiny-llama", "float32", s3_endpoint)
     assert manifest["weights_bytes"] > 0 and len(manifest["weights_sha256"]) == 64
+    assert len(manifest["weights_xxh3_128"]) == 32
     return "s3://models/tiny-llama"
 
 
@@ -114,7 +117,7 @@ def test_truncated_weights(tiny_on_s3, s3, s3_endpoint):
 
 @pytest.mark.parametrize("where", ["last tensor", "past the last tensor"])
 def test_corrupted_weights_fail_hash_check(tiny_on_s3, s3, s3_endpoint, where):
-    """The manifest's sha256 covers the whole object, the bytes after the last tensor too."""
+    """The manifest's digest covers the whole object, the bytes after the last tensor too."""
     body = bytearray(s3.get_object(Bucket="models", Key="tiny-llama/model.tensors")["Body"].read())
     flipped = range(len(body) - 4096, len(body) - 4000) if where == "last tensor" else [-1]
     for i in flipped:
@@ -128,24 +131,53 @@ def test_corrupted_weights_fail_hash_check(tiny_on_s3, s3, s3_endpoint, where):
     assert named in str(error)  # the tensor whose own checksum fails, if one does
 
 
+def test_manifest_digests_are_those_of_the_object(tiny_on_s3, s3):
+    body = s3.get_object(Bucket="models", Key="tiny-llama/model.tensors")["Body"].read()
+    manifest = json.loads(
+        s3.get_object(Bucket="models", Key="tiny-llama/manifest.json")["Body"].read())
+    assert manifest["weights_sha256"] == hashlib.sha256(body).hexdigest()
+    assert manifest["weights_xxh3_128"] == xxhash.xxh3_128(body).hexdigest()
+
+
 def test_an_early_read_is_hashed_as_it_arrives(tiny_on_s3, s3_endpoint):
-    """The manifest's sha256, computed while the bytes arrive, before anything reads them."""
+    """The manifest's digest, computed while the bytes arrive, before anything reads them."""
     reader = prefetch_weights(tiny_on_s3, s3_endpoint)
     try:
         assert eventually(lambda: reader.digest.num_bytes == reader.size, max_s=30)
         assert reader.tell() == 0
         manifest = TensorizerSource(tiny_on_s3, s3_endpoint=s3_endpoint).manifest()
-        assert reader.digest.hexdigest() == manifest["weights_sha256"]
+        assert reader.digest.hexdigest() == manifest["weights_xxh3_128"]
     finally:
         reader.close()
 
 
 def test_weights_read_out_of_order_are_hashed_again(tiny_on_s3, s3_endpoint):
     source = TensorizerSource(tiny_on_s3, s3_endpoint=s3_endpoint)
-    expected = source.manifest()["weights_sha256"]
-    source._check_sha256(None, expected)  # hashed again from S3: no error
+    expected = source.manifest()["weights_xxh3_128"]
+    source._check_digest(None, expected)  # hashed again from S3: no error
     with pytest.raises(CorruptWeightsError, match="checksum mismatch"):
-        source._check_sha256(None, "0" * 64)
+        source._check_digest(None, "0" * 32)
+
+
+@pytest.mark.parametrize("is_corrupted", [False, True])
+def test_a_manifest_without_the_digest_is_checked_per_tensor(
+        tiny_llama_dir, tiny_on_s3, s3, s3_endpoint, is_corrupted):
+    """An artifact tensorized before the manifest carried XXH3-128 (sha256 only) is checked
+    by tensorizer's own per-tensor hashes: it loads whole, and fails corrupted."""
+    manifest = json.loads(
+        s3.get_object(Bucket="models", Key="tiny-llama/manifest.json")["Body"].read())
+    del manifest["weights_xxh3_128"]
+    body = bytearray(s3.get_object(Bucket="models", Key="tiny-llama/model.tensors")["Body"].read())
+    if is_corrupted:
+        body[-4096] ^= 0xFF  # inside the last tensor
+    uri = _copy_prefix(s3, "tiny-llama", f"old-manifest-{is_corrupted}", **{
+        "manifest.json": json.dumps(manifest).encode(), "model.tensors": bytes(body)})
+    if is_corrupted:
+        error = _load_error(uri, s3_endpoint)
+        assert isinstance(error, CorruptWeightsError) and "lm_head.weight" in str(error)
+    else:
+        llm = LLM(uri, s3_endpoint=s3_endpoint)
+        assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == _expected(tiny_llama_dir)
 
 
 def test_config_that_does_not_match_the_weights(tiny_on_s3, s3, s3_endpoint):
