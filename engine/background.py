@@ -59,7 +59,8 @@ class BackgroundLoader:
         if not self._has_started_reading:
             self._has_started_reading = True
             self._early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint,
-                                                  self.config.verify_weights)
+                                                  self.config.verify_weights,
+                                                  in_memory=self.config.loads_to_cpu)
 
     def abandon_reading(self) -> None:
         """Stop an early read whose load will never come."""

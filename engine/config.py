@@ -7,6 +7,7 @@ configs from both when it starts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,14 @@ class EngineConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def loads_to_cpu(self) -> bool:
+        """Whether the weights go to the CPU, told without importing torch (for the S3 read that
+        starts first): "auto" means a GPU where NVIDIA's driver has its device."""
+        if self.device != "auto":
+            return self.device == "cpu"
+        return not os.path.exists("/dev/nvidiactl")
 
     @property
     def resolved_attention_backend(self) -> str:

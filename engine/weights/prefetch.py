@@ -18,10 +18,11 @@ WEIGHTS_FILE = "model.tensors"  # the weights of a tensorized artifact, beside i
 PREFETCH_BYTES = 1 << 30  # held in memory at most, ahead of the deserializer
 
 
-def prefetch_weights(model: str, s3_endpoint: str | None,
-                     hash_weights: bool = True) -> S3ObjectReader | None:
+def prefetch_weights(model: str, s3_endpoint: str | None, hash_weights: bool = True,
+                     in_memory: bool = False) -> S3ObjectReader | None:
     """For an s3:// model: its weights object, already being read (and hashed, for the
-    manifest's digest, if `hash_weights`); else None."""
+    manifest's digest, if `hash_weights`; into one mapping the tensors will view, if
+    `in_memory`: a CPU load); else None."""
     if not model.startswith("s3://"):
         return None
     try:
@@ -31,7 +32,7 @@ def prefetch_weights(model: str, s3_endpoint: str | None,
     except Exception as e:  # noqa: BLE001 - a profile missing, say: the load says it again
         logger.info("%s: not read early (%s)", model, e)
         return None
-    reader = S3ObjectReader(client, location, WEIGHTS_FILE, size)
+    reader = S3ObjectReader(client, location, WEIGHTS_FILE, size, in_memory=in_memory)
     if hash_weights:
         reader.hash_object()
     reader.start(PREFETCH_BYTES)

@@ -9,6 +9,7 @@ copy. The small files next to them are fetched with boto3.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tempfile
@@ -138,7 +139,7 @@ class TensorizerSource(WeightSource):
 
     # -- the weights ----------------------------------------------------------------------------
 
-    def _open_weights(self) -> tuple[Any, int, int]:
+    def _open_weights(self, device: torch.device) -> tuple[Any, int, int]:
         """The weights as a file, its size, and how many tensorizer readers to use on it."""
         if not self.is_s3:
             path = self._files_dir() / self.weights_file
@@ -151,7 +152,7 @@ class TensorizerSource(WeightSource):
             return self.early_reader, size, 1
         # boto3 signs each ranged GET (temporary credentials included) and several are in
         # flight at once: one tensorizer reader consumes them in order.
-        return self._new_reader(), size, 1
+        return self._new_reader(in_memory=device.type == "cpu"), size, 1
 
     def load_model(
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,
@@ -165,7 +166,7 @@ class TensorizerSource(WeightSource):
             raise ConfigMismatchError(
                 f"{self.uri}: the artifact was cut for {num_ranks} tensor-parallel ranks, this "
                 f"server runs {self.tp.world_size} (tensorize it again, or give the whole model)")
-        stream, total_bytes, num_readers = self._open_weights()
+        stream, total_bytes, num_readers = self._open_weights(torch.device(device))
         self._check_size(total_bytes)
         with torch.device("meta"):
             model = model_cls(config)
@@ -184,7 +185,12 @@ class TensorizerSource(WeightSource):
                 verify_hash=self.verify_hash and digest is None,
             )
             with deserializer:  # which closes the stream
-                self._place_tensors(model, deserializer, progress)
+                # Views skip tensorizer's reads, and with them its per-tensor checksums.
+                is_checked_elsewhere = digest is not None or not self.verify_hash
+                if is_checked_elsewhere and self._can_view(stream, deserializer):
+                    self._place_views(model, deserializer, stream, device, dtype, progress)
+                else:
+                    self._place_tensors(model, deserializer, progress)
                 if digest is not None:
                     stream.read()  # the object's end, past the last tensor: all of it hashed
                     self._check_digest(digest.hexdigest(), expected)
@@ -243,9 +249,9 @@ class TensorizerSource(WeightSource):
             return str(e)
         return None
 
-    def _new_reader(self) -> S3ObjectReader:
+    def _new_reader(self, in_memory: bool = False) -> S3ObjectReader:
         return S3ObjectReader(self._client, S3Location.parse(self.uri), self.weights_file,
-                              self._s3_weights_bytes())
+                              self._s3_weights_bytes(), in_memory=in_memory)
 
     def _check_size(self, total_bytes: int) -> None:
         manifest = self.manifest()
@@ -258,24 +264,67 @@ class TensorizerSource(WeightSource):
                 f"{expected} (truncated or replaced)"
             )
 
-    def _place_tensors(self, model: nn.Module, deserializer: Any, progress: LoadProgress) -> None:
+    def _check_names(self, model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every parameter of the model has its weight, of its shape, and nothing else comes."""
         expected = dict(model.named_parameters())
-        names = set(deserializer.keys())
-        missing = sorted(set(expected) - names)
+        missing = sorted(set(expected) - set(shapes))
         if missing:
             raise ConfigMismatchError(f"{self.uri}: no weights for {', '.join(missing[:5])}")
-        for name, tensor in deserializer.items():
+        for name, shape in shapes.items():
             if name not in expected:
                 raise ConfigMismatchError(f"{self.uri}: weight {name!r} has no place in the model")
-            if tuple(tensor.shape) != tuple(expected[name].shape):
+            if tuple(shape) != tuple(expected[name].shape):
                 raise ConfigMismatchError(
-                    f"{self.uri}: weight {name!r} has shape {tuple(tensor.shape)}, the config "
+                    f"{self.uri}: weight {name!r} has shape {tuple(shape)}, the config "
                     f"expects {tuple(expected[name].shape)}"
                 )
-            module_name, _, leaf = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+    @staticmethod
+    def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+    def _place_tensors(self, model: nn.Module, deserializer: Any, progress: LoadProgress) -> None:
+        self._check_names(model, {name: entry.shape for name, entry in _entries(deserializer)})
+        for name, tensor in deserializer.items():
+            self._set_parameter(model, name, tensor)
             progress.set_loaded(deserializer.total_bytes_read)
+
+    @staticmethod
+    def _can_view(stream: Any, deserializer: Any) -> bool:
+        """Whether the weights can be views of the read's memory: an S3 read `in_memory`, and
+        each tensor's bytes stored whole (not encrypted, not a meta tensor without data)."""
+        return (isinstance(stream, S3ObjectReader) and stream.memory is not None
+                and not deserializer._encrypted and all(
+                    entry.data_length == entry.deserialized_length
+                    for _, entry in _entries(deserializer)))
+
+    def _place_views(self, model: nn.Module, deserializer: Any, stream: S3ObjectReader,
+                     device: torch.device, dtype: torch.dtype, progress: LoadProgress) -> None:
+        """Each weight made over its bytes in the read's memory as soon as they have arrived,
+        in the object's order: no copy (on the CPU, in the dtype stored), no tensorizer read.
+        The object's own digest (`hash_object`) is what checks those bytes."""
+        from tensorizer._NumpyTensor import _NumpyTensor
+        from tensorizer.serialization import OPAQUE_DTYPE_SEP
+
+        entries = sorted(_entries(deserializer), key=lambda item: item[1].data_offset)
+        self._check_names(model, {name: entry.shape for name, entry in entries})
+        for name, entry in entries:
+            end = entry.data_offset + entry.data_length
+            numpy_dtype, _, torch_dtype = entry.dtype.partition(OPAQUE_DTYPE_SEP)
+            tensor = _NumpyTensor.from_buffer(
+                numpy_dtype, torch_dtype or None, entry.shape,
+                stream.arrived(end)[entry.data_offset : end]).to_tensor()
+            self._set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            progress.set_loaded(end)
+        stream.arrived(stream.size)  # the bytes past the last tensor too: all of them hashed
+        stream.seek(0, io.SEEK_END)  # nothing is left to read
+
+
+def _entries(deserializer: Any) -> list[tuple[str, Any]]:
+    """The file's index: (name, entry with dtype, shape, data offset and length) per tensor."""
+    return [(path.normalize_(), entry) for path, entry in deserializer._metadata.items()]
 
 
 def write_manifest(folder: Path, info: dict[str, Any]) -> None:
