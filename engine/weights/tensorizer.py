@@ -2,9 +2,11 @@
 folder or under an `s3://` prefix. An artifact made for N tensor-parallel ranks holds one
 `model-rank-RRR.tensors` per rank instead, and each rank reads only its own.
 
-Weights stream from S3 (or the disk) through tensorizer's concurrent readers straight into the
-target device, in the target dtype, into a model built on the meta device: no pickle, no second
-copy. The small files next to them are fetched with boto3.
+Weights stream from S3 (or the disk) through tensorizer's readers straight into the target
+device, in the target dtype, into a model built on the meta device: no pickle, no second copy.
+A CPU load from S3 goes further: the bytes land in the read's own memory and each weight is a
+view of its bytes there, located by tensorizer's index. The small files next to them are
+fetched with boto3.
 """
 
 from __future__ import annotations
