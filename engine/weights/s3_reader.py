@@ -220,6 +220,14 @@ class S3ObjectReader(io.RawIOBase):
             self.digest.feed(self.digest.num_bytes, self.memory[self.digest.num_bytes : end])
         return self.memory[:end]
 
+    def read_to_end(self) -> None:
+        """Every byte from here to the object's end arrived (and hashed), none kept."""
+        if self.memory is not None:
+            self.arrived(self.size)
+            self._pos = self.size
+        while self.read(PIECE_BYTES):
+            pass
+
     def close(self) -> None:
         if not self.closed:
             for part in self._ranges:

@@ -11,7 +11,6 @@ fetched with boto3.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tempfile
@@ -27,7 +26,7 @@ from engine.tokenizer import FACTS_FILE, Tokenizer
 from engine.weights.digest import ALGORITHM
 from engine.weights.prefetch import WEIGHTS_FILE
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
-from engine.weights.s3_reader import PIECE_BYTES, S3ObjectReader
+from engine.weights.s3_reader import S3ObjectReader
 from engine.weights.safetensors import load_folder_tokenizer, read_json
 from engine.weights.source import (
     ConfigMismatchError,
@@ -194,7 +193,7 @@ class TensorizerSource(WeightSource):
                 else:
                     self._place_tensors(model, deserializer, progress)
                 if digest is not None:
-                    stream.read()  # the object's end, past the last tensor: all of it hashed
+                    stream.read_to_end()  # past the last tensor too: all of it hashed
                     self._check_digest(digest.hexdigest(), expected)
         except WeightsError:
             raise
@@ -226,8 +225,7 @@ class TensorizerSource(WeightSource):
                            self.weights_file)
             with self._new_reader() as reader:
                 digest = reader.hash_object()
-                while reader.read(PIECE_BYTES):
-                    pass
+                reader.read_to_end()
                 actual = digest.hexdigest()
         if actual != expected:
             detail = self._corrupt_tensor() or (
@@ -320,8 +318,6 @@ class TensorizerSource(WeightSource):
                 stream.arrived(end)[entry.data_offset : end]).to_tensor()
             self._set_parameter(model, name, tensor.to(device=device, dtype=dtype))
             progress.set_loaded(end)
-        stream.arrived(stream.size)  # the bytes past the last tensor too: all of them hashed
-        stream.seek(0, io.SEEK_END)  # nothing is left to read
 
 
 def _entries(deserializer: Any) -> list[tuple[str, Any]]:
