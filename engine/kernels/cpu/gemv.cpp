@@ -1,6 +1,8 @@
 // y = x W^T (+ b) for a few rows of x: the decode step's linear layers at small batch, where the
 // time is reading W. Each weight row is streamed once from memory and dotted with every row of x
-// (held in L1), the way llama.cpp's GEMV reads its weights; oneDNN keeps the larger batches.
+// (held in L1), the way llama.cpp's GEMV reads its weights. From 8 rows on, fp32 with AVX-512
+// goes in register tiles (gemm_tiles), which beat oneDNN's packed GEMM up to 64 rows here;
+// engine/layers/calibration.py times the two on each machine.
 // Registered as torch.ops.llm_cpu.small_batch_linear; engine/kernels/cpu_ops.py builds it.
 
 #include "small_batch.h"
@@ -67,6 +69,88 @@ void gemv_rows(const float* x, const W* weight, const W* bias, int64_t k_size, i
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
+// From 8 rows of x on, fp32: the loop above loads a vector of x for every multiply-add, and the
+// loads, not the read of the weights, bound it. A tile of kTileN weight rows x kTileM rows of x
+// keeps 24 sums in registers instead (29 of the 32 with the 4 weight vectors and one of x): per
+// 16 weights along K, 10 loads feed 24 multiply-adds. Each thread's weight rows go in pieces of
+// kWeightRowsPerTask that stay in L2 while every chunk of x passes them, and the next piece is
+// asked into L2 a slice at a time meanwhile, or the first chunk waits on memory. SmolLM2's fp32
+// linears, Zen 4, 2 threads, a standalone harness (median of 7): 8 / 16 / 32 rows 24.0 / 47.3 /
+// 90.6 ms a row at a time, 21.9 / 30.6 / 50.9 ms in tiles; 6 rows in one chunk of tiles were
+// slower (27.7 against 20.3 ms), hence kTiledFromRows. Tiles of 4 x 4, 6 x 4, 5 x 5 or 3 x 8,
+// chunks of x balanced, pieces of 8, 32 or 64 rows, and L1 hints were each no better.
+// bench/linear_rows.py, tiles / oneDNN: 16 / 32 / 64 rows 33.1 / 43.2, 58.4 / 69.0, 102.7 /
+// 129.5 ms; 8 rows in tiles equal 7 a row at a time (25-26 ms).
+constexpr int kTileN = 4, kTileM = 6;
+constexpr int64_t kTiledFromRows = 8;
+
+// The sums of the lanes of a, b, c and d, in that order: a transposing tree of 8 adds and
+// shuffles, where a reduction each costs 4 of both.
+inline __m128 reduce_add_4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], likewise for c, d
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  // per 128-bit lane: [a, b, c, d], each a quarter of the sum
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// out[m, 0:4] = x[m] . w[0:4] (+ bias[0:4]) for the MR rows of x; k_size a multiple of 16.
+template <int MR>
+inline void dot_tile(const float* x, const float* w, const float* bias, int64_t k_size,
+                     float* out, int64_t out_stride) {
+  __m512 acc[kTileN][MR];
+  for (int n = 0; n < kTileN; ++n)
+    for (int m = 0; m < MR; ++m) acc[n][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_size; k += 16) {
+    __m512 wv[kTileN];
+    for (int n = 0; n < kTileN; ++n) wv[n] = _mm512_loadu_ps(w + n * k_size + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * k_size + k);
+      for (int n = 0; n < kTileN; ++n) acc[n][m] = _mm512_fmadd_ps(xv, wv[n], acc[n][m]);
+    }
+  }
+  const __m128 b = bias ? _mm_loadu_ps(bias) : _mm_setzero_ps();
+  for (int m = 0; m < MR; ++m)
+    _mm_storeu_ps(out + m * out_stride,
+                  _mm_add_ps(reduce_add_4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]), b));
+}
+
+// y [rows, N] = x W^T + b, fp32, in tiles (above).
+void gemm_tiles(const float* x, int64_t num_rows, const float* weight, const float* bias,
+                int64_t k_size, int64_t n_size, float* y) {
+  const int64_t num_chunks = (num_rows + kTileM - 1) / kTileM;
+  const int64_t piece_lines = kWeightRowsPerTask * k_size * sizeof(float) / 64;
+  const int64_t calls_per_piece = num_chunks * (kWeightRowsPerTask / kTileN);
+  const int64_t lines_per_call = (piece_lines + calls_per_piece - 1) / calls_per_piece;
+  parallel_rows(n_size, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += kWeightRowsPerTask) {
+      const int64_t n1 = std::min(n0 + kWeightRowsPerTask, end);
+      const char* next = reinterpret_cast<const char*>(weight + n1 * k_size);  // next piece
+      const char* next_end =
+          reinterpret_cast<const char*>(weight + std::min(end, n1 + kWeightRowsPerTask) * k_size);
+      for (int64_t m0 = 0; m0 < num_rows; m0 += kTileM) {
+        with_count<kTileM>(std::min<int64_t>(kTileM, num_rows - m0), [&](auto rows) {
+          const float* xm = x + m0 * k_size;
+          float* ym = y + m0 * n_size;
+          int64_t n = n0;
+          for (; n + kTileN <= n1; n += kTileN) {
+            for (int64_t line = 0; line < lines_per_call && next < next_end; ++line, next += 64)
+              __builtin_prefetch(next, 0, 2);
+            dot_tile<rows()>(xm, weight + n * k_size, bias ? bias + n : nullptr, k_size, ym + n,
+                             n_size);
+          }
+          gemv_rows<float, rows()>(xm, weight, bias, k_size, n, n1, ym, n_size);  // the rest
+        });
+      }
+    }
+  });
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
 // bf16 x bf16 -> fp32 with AVX512-BF16's dot instruction: 32 products per instruction, x kept in
 // bf16 (it is bf16 already in a bf16 model), twice the work per load of the shift-and-FMA path.
 // Compiled for AVX512 builds and taken only where the CPU reports the extension.
@@ -117,6 +201,14 @@ void gemv(const T* x, int64_t num_rows, const T* weight, const T* bias, int64_t 
         gemv_rows_dpbf16<rows()>(x + m0 * k_size, weight, bias, k_size, n0, n1, y + m0 * n_size,
                                  n_size);
       });
+      return;
+    }
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (num_rows >= kTiledFromRows && k_size % 16 == 0) {
+      gemm_tiles(x, num_rows, weight, bias, k_size, n_size, y);
       return;
     }
   }

@@ -195,8 +195,10 @@ def test_engine_serves_on_the_references_until_the_kernels_load(tiny_llama_dir, 
     assert [o.token_ids for o in llm.generate(prompts, params)] == before
 
 
-# 1-8: one pass of the kernel; 9 and 19: chunks of 8 rows, the last one shorter.
-ROWS = [0, 1, 2, 3, 4, 8, 9, 19]
+# 1-7: one pass of the kernel; bf16 / fp16 8+: chunks of 8 rows (9, 19: the last one shorter);
+# fp32 8+ with in_features a multiple of 16: tiles of 4 weight rows x chunks of up to 6 rows (12:
+# two whole chunks; 8, 9, 19, 32: a shorter last one), the 37th weight row past the last tile.
+ROWS = [0, 1, 2, 3, 4, 7, 8, 9, 12, 19, 32]
 
 
 @pytest.mark.parametrize("weight_dtype", DTYPES)
