@@ -28,6 +28,7 @@ from engine.engine_info import EngineInfo
 from engine.input_processor import EngineRequest, InputLimits, InputProcessor, RequestError
 from engine.kernels import cpu_ops
 from engine.layers.attention import get_attention_backend
+from engine.layers.linear import INT8_ACTIVATIONS, has_native_bf16
 from engine.model_runner import ModelRunner, kv_bytes_per_block
 from engine.models import model_class
 from engine.output_processor import OutputProcessor
@@ -50,11 +51,19 @@ class WorkerDiedError(RuntimeError):
     """A tensor-parallel worker process is gone."""
 
 
-def resolve_dtype(requested: str, model_dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(requested: str, model_dtype: str, device: torch.device,
+                  quantization: str | None = None) -> torch.dtype:
+    """"auto" on the CPU: fp32, whose matmuls are the fast ones on most CPUs, except bf16 for
+    int8 activations (w8a8, w4a8) where the CPU has native bf16: their linears multiply in int8
+    whatever the dtype, and bf16 halves what the rest of the step reads (the KV cache above all):
+    SmolLM2 w4a8 on a Zen 4, 32 clients, 506 against 353 tok/s (1 and 8 clients within the
+    noise). On a GPU, the model's dtype."""
     if requested != "auto":
         return TORCH_DTYPES[requested]
     if device.type == "cpu":
-        return torch.float32  # fp32 matmuls are the fast ones on most CPUs
+        if quantization in INT8_ACTIVATIONS and has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     return TORCH_DTYPES.get(model_dtype.removeprefix("torch."), torch.bfloat16)
 
 
@@ -81,7 +90,8 @@ class LLMEngine:
 
     def _build(self, source: Any, config: EngineConfig) -> None:
         """Everything after the ranks are started: tokenizer, weights, cache, the step's parts."""
-        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device,
+                                   config.quantization)
         self.max_model_len = self._max_model_len()
         # The tokenizer (from a tensorized artifact ~0.1 s; else import transformers ~0.8 s, then
         # its files) loads on a thread beside the weights, whose copies and checksums mostly run

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=int, default=None,
         help="port (default: $SAGEMAKER_BIND_TO_PORT, else 8080)")
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and activations dtype (auto: fp32 on CPU, the model's dtype on GPU)")
+        help="weights and activations dtype (auto: fp32 on CPU, bf16 there with w8a8 / w4a8 "
+        "where the CPU has native bf16; the model's dtype on GPU)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--max-model-len", type=int, default=None,
         help="longest prompt plus output, in tokens (default: the model's)")

@@ -71,7 +71,7 @@ def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: st
     source = open_source(config.model, config.s3_endpoint, config.verify_weights)
     source.use_rank(tp)
     model_config = ModelConfig.from_hf(source.hf_config())
-    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
+    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device, config.quantization)
     model = source.load_model(model_class(model_config), model_config, device, dtype,
                               LoadProgress())
     shard_model(model, tp)

@@ -66,6 +66,13 @@ def max_small_batch_rows(quantization: str | None) -> int:
     return rows[quantization or "plain"]
 
 
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 itself (AVX512-BF16 or AMX), not through fp32."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)()
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False

@@ -129,8 +129,9 @@ def test_quantized_engine_matches_transformers_with_the_same_weights(
     prompts = random_prompts(6, 1, 60, seed=3)
     # 3 sequences at a time: the small-batch kernel decodes; prefill chunks of 24 go through
     # oneDNN where the kernels stop at fewer rows (AVX-512)
-    llm = LLM(folder, quantization=quantization, max_num_seqs=3, max_num_batched_tokens=24,
-              enable_prefix_caching=False)
+    # fp32 activations, as the reference's (auto would be bf16 for w8a8 / w4a8 on some CPUs)
+    llm = LLM(folder, dtype="float32", quantization=quantization, max_num_seqs=3,
+              max_num_batched_tokens=24, enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     actual = [o.token_ids for o in llm.generate(prompts, params)]
     reference = _hf_with_quantized_weights(folder, quantization)
