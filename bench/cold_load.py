@@ -78,7 +78,7 @@ def median_load(uri: str, endpoint: str, config: ModelConfig, dtype: torch.dtype
 
 
 def hf_folder(dtype: torch.dtype, folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.weights import default_model_path
 
@@ -90,6 +90,8 @@ def hf_folder(dtype: torch.dtype, folder: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(gguf_model.state_dict())
     model.save_pretrained(folder, safe_serialization=True)
+    # the tokenizer too, so that the folder serves (bench/cold_start.py starts a server on it)
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(folder)
     return folder
 
 

@@ -7,7 +7,8 @@ over, `python -m handler --model s3://...` is started cold, in both load modes (
 `--load-on-first-request`, the serverless one); from the process start it times the first /ping
 answer, /ping 200, the first token of a `max_tokens: 1` request sent at once and retried on 503,
 the phases /ping reports (imports, first weight byte, weights in place, KV cache ready) and the
-slowest /ping answer during the load.
+slowest /ping answer during the load. Then (unless `--no-formats`) the same for other artifacts
+loading in the background: the embedded GGUF and a local safetensors folder.
 
     .venv/bin/python bench/cold_start.py [--runs 3]
 """
@@ -117,11 +118,12 @@ class PingWatch(threading.Thread):
             time.sleep(PING_EVERY_S)
 
 
-def cold_start(endpoint: str, lazy: bool) -> dict[str, float]:
+def cold_start(endpoint: str, lazy: bool, model: str = f"s3://{BUCKET}/{PREFIX}"
+               ) -> dict[str, float]:
     port = free_port()
     env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL_S3": endpoint}
-    command = [sys.executable, "-m", "handler", "--model", f"s3://{BUCKET}/{PREFIX}",
-               "--port", str(port), "--log-level", "warning"]
+    command = [sys.executable, "-m", "handler", "--model", model, "--port", str(port),
+               "--log-level", "warning"]
     started = time.time()
     server = subprocess.Popen(command + (["--load-on-first-request"] if lazy else []), env=env)
     watch = PingWatch(port, started)
@@ -174,6 +176,17 @@ print(json.dumps({"import torch": imported - start, "read": time.time() - import
 """
 
 
+def safetensors_folder() -> Path:
+    """The embedded model as an fp32 Hugging Face folder (weights, config, tokenizer), made once
+    in a child process: this one stays as light as it was."""
+    if not (SAFETENSORS_DIR / "tokenizer.json").exists():
+        subprocess.run([sys.executable, "-c", "import sys, torch; from pathlib import Path; "
+                        f"sys.path.insert(0, {str(ROOT)!r}); from bench.cold_load import "
+                        f"hf_folder; hf_folder(torch.float32, Path({str(SAFETENSORS_DIR)!r}))"],
+                       check=True, capture_output=True)
+    return SAFETENSORS_DIR
+
+
 def runai_peer(client, endpoint: str, runs: int) -> dict[str, float | str] | str:
     """The Run:ai Model Streamer (vLLM's `--load-format runai_streamer`) reading the same weights
     as safetensors from the same S3 server into CPU tensors, in a fresh process each time."""
@@ -189,12 +202,7 @@ def runai_peer(client, endpoint: str, runs: int) -> dict[str, float | str] | str
            "RUNAI_STREAMER_CONCURRENCY": "1", "RUNAI_STREAMER_CHUNK_BYTESIZE": str(1 << 30),
            "RUNAI_STREAMER_LOG_LEVEL": "ERROR"}
     peer: dict[str, float | str] = {}
-    path = SAFETENSORS_DIR / "model.safetensors"
-    if not path.exists():  # made in a child process: this one stays as light as it was
-        subprocess.run([sys.executable, "-c", "import sys, torch; from pathlib import Path; "
-                        f"sys.path.insert(0, {str(ROOT)!r}); from bench.cold_load import "
-                        f"hf_folder; hf_folder(torch.float32, Path({str(SAFETENSORS_DIR)!r}))"],
-                       check=True, capture_output=True)
+    path = safetensors_folder() / "model.safetensors"
     client.upload_file(str(path), BUCKET, "smollm2-st/model.safetensors")
     for where, source in (("s3", f"s3://{BUCKET}/smollm2-st/model.safetensors"),
                           ("file", str(path))):
@@ -213,9 +221,33 @@ def runai_peer(client, endpoint: str, runs: int) -> dict[str, float | str] | str
     return peer
 
 
+def other_formats(endpoint: str, runs: int) -> dict[str, list[dict[str, float]]]:
+    """/ping while other artifacts load in the background, from the process start: the embedded
+    GGUF (Q4_1, dequantized as it loads) and a local safetensors folder (fp32, made from the
+    GGUF once)."""
+    models = {"GGUF (embedded)": "default", "safetensors folder": str(safetensors_folder())}
+    return {name: [cold_start(endpoint, lazy=False, model=model) for _ in range(runs)]
+            for name, model in models.items()}
+
+
+def print_runs(title: str, runs: list[dict[str, float]], limit: float) -> None:
+    print(f"\n## {title} (median of {len(runs)}, seconds from process start)")
+    print("| step | s | / limit |\n|---|---|---|")
+    for key in runs[0]:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if not values:
+            continue
+        value = statistics.median(values)
+        ratio = (f"max {max(values) * 1e3:.0f} ms" if key == "slowest /ping"
+                 else f"{value / limit:.2f}x")
+        print(f"| {key} | {value:.3f} | {ratio} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--formats", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time /ping while a GGUF and a safetensors folder load")
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
     s3, endpoint = start_s3()
@@ -227,6 +259,7 @@ def main() -> None:
         limit = limit_seconds(client, args.runs)
         results = {mode: [cold_start(endpoint, lazy=mode != "background")
                           for _ in range(args.runs)] for mode in ("background", "first-request")}
+        formats = other_formats(endpoint, args.runs) if args.formats else {}
         peer = runai_peer(client, endpoint, args.runs)  # last: its S3 traffic slows moto
     finally:
         s3.terminate()
@@ -248,15 +281,9 @@ def main() -> None:
                   f" MB of safetensors into CPU tensors in {peer[f'{where} read']:.2f} s; "
                   f"{total:.2f} s in all ({total / limit['limit']:.2f}x the limit)")
     for mode, runs in results.items():
-        print(f"\n## {mode} (median of {len(runs)}, seconds from process start)")
-        print("| step | s | / limit |\n|---|---|---|")
-        for key in runs[0]:
-            values = [r[key] for r in runs if r.get(key) is not None]
-            if not values:
-                continue
-            value = statistics.median(values)
-            ratio = "" if key == "slowest /ping" else f"{value / limit['limit']:.2f}x"
-            print(f"| {key} | {value:.3f} | {ratio} |")
+        print_runs(f"{mode}", runs, limit["limit"])
+    for name, runs in formats.items():
+        print_runs(f"{name}, background", runs, limit["limit"])
 
 
 if __name__ == "__main__":
