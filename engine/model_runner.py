@@ -22,6 +22,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.calibration import SmallBatchCalibration
+from engine.layers.greedy_head import GREEDY_HEAD_MAX_ROWS, GreedyHead, build_greedy_head
 from engine.layers.linear import (
     can_pack,
     max_small_batch_rows,
@@ -44,7 +45,9 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor  # fp32 [num_sampling, vocab]: one row per sampling sequence
+    # fp32 [num_sampling, vocab]: one row per sampling sequence. In a step whose rows all need
+    # only their argmax, -inf but where a token may be the argmax (engine/layers/greedy_head.py).
+    logits: torch.Tensor
     sample_seqs: list[Sequence]
     # New prompt logprobs of the sequences that asked (entries as the sampler's logprobs).
     prompt_logprobs: list[tuple[Sequence, list[dict]]]
@@ -64,6 +67,8 @@ class StepInputs:
     # the rows that score draft tokens
     sample_indices: torch.Tensor
     prompt_row_ranges: list[tuple[int, int]]  # (first row, rows) scored for prompt logprobs
+    # Every sampling row needs only its argmax (SamplingParams.needs_only_argmax), no row a draft
+    is_argmax_only: bool = False
 
 
 @dataclass
@@ -124,6 +129,8 @@ class ModelRunner:
         self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
         self.max_stack_rows = max_small_batch_rows(quantization)
         self.may_build_stack = True
+        self.greedy_head: GreedyHead | None = None  # built once the move is done (_greedy_head)
+        self.may_build_greedy_head = True
         self.calibration: SmallBatchCalibration | None = None
         if can_pack(device, dtype):
             logger.info("CPU linears for oneDNN%s: %d",
@@ -221,7 +228,20 @@ class ModelRunner:
         if inputs.sample_indices.numel() == 0:
             empty = hidden.new_empty(0, self.config.vocab_size, dtype=torch.float32)
             return empty, prompt_logits
-        return self.model.compute_logits(hidden[inputs.sample_indices]), prompt_logits
+        hidden = hidden[inputs.sample_indices]
+        head = self._greedy_head() if inputs.is_argmax_only else None
+        if head is not None and hidden.shape[0] <= GREEDY_HEAD_MAX_ROWS:
+            return head.logits(hidden, self.model.lm_head.weight), prompt_logits
+        return self.model.compute_logits(hidden), prompt_logits
+
+    def _greedy_head(self) -> GreedyHead | None:
+        """The argmax-only head (fp32 heads on the CPU), built like the decoder stack once the
+        weights are in their final place; None where it cannot serve."""
+        if (self.may_build_greedy_head and self.is_mover_started
+                and not self.weight_mover.is_alive()):
+            self.may_build_greedy_head = False
+            self.greedy_head = build_greedy_head(self.model, self.tp.world_size)
+        return self.greedy_head
 
     def _decoder_stack(self, inputs: StepInputs) -> Any | None:
         """The C++ decoder stack, for a step of sequences decoding, few enough for the C++
@@ -330,6 +350,7 @@ class ModelRunner:
             self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
             self._tensor(sample_indices + draft_indices, torch.int64),
             [(r.first_row, r.num_rows) for r in prompt_rows],
+            not draft_seqs and all(s.params.needs_only_argmax for s in sample_seqs),
         )
         return inputs, sample_seqs, prompt_rows, draft_seqs
 

@@ -82,6 +82,14 @@ class SamplingParams:
         return self.temperature < 1e-5 or self.top_k == 1
 
     @property
+    def needs_only_argmax(self) -> bool:
+        """Greedy, and nothing else reads the logits: no logprobs, bias, penalties or
+        min_tokens. The model runner may then compute only the argmax (greedy_head.py)."""
+        return (self.is_greedy and self.logprobs is None and not self.logit_bias
+                and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and self.min_tokens == 0)
+
+    @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 

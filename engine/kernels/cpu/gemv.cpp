@@ -40,10 +40,11 @@ inline void prefetch_ahead(const W* p) {
 }
 
 // M rows of x (fp32, [M, K]) against weight rows [n_begin, n_end): each weight row is read once.
-// (Interleaving several weight rows measured slower: more streams for the prefetcher.)
-template <typename W, int M>
-void gemv_rows(const float* x, const W* weight, const W* bias, int64_t k_size, int64_t n_begin,
-               int64_t n_end, W* out, int64_t out_stride) {
+// (Interleaving several weight rows measured slower: more streams for the prefetcher.) The output
+// (and bias) in O: the weights' type, or fp32 for bf16 weights under fp32 x (`mixed_gemv`).
+template <typename W, int M, typename O = W>
+void gemv_rows(const float* x, const W* weight, const O* bias, int64_t k_size, int64_t n_begin,
+               int64_t n_end, O* out, int64_t out_stride) {
   constexpr int64_t kStep = 2 * Vec::size();
   const int64_t k_main = k_size / kStep * kStep;
   for (int64_t n = n_begin; n < n_end; ++n) {
@@ -63,7 +64,7 @@ void gemv_rows(const float* x, const W* weight, const W* bias, int64_t k_size, i
     for (int m = 0; m < M; ++m) {
       float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[m]);
       for (int64_t k = k_main; k < k_size; ++k) sum += x[m * k_size + k] * static_cast<float>(w[k]);
-      out[m * out_stride + n] = static_cast<W>(bias ? sum + static_cast<float>(bias[n]) : sum);
+      out[m * out_stride + n] = static_cast<O>(bias ? sum + static_cast<float>(bias[n]) : sum);
     }
   }
 }
@@ -227,11 +228,31 @@ void gemv(const T* x, int64_t num_rows, const T* weight, const T* bias, int64_t 
   });
 }
 
+// y [rows, N] fp32 = x W^T for fp32 x and bf16 W: each weight widened exactly to fp32, so the only
+// error against fp32 weights is what bf16 dropped from them. The greedy head's first pass
+// (engine/layers/greedy_head.py) over the fp32 head's upper halves: half the bytes at few rows.
+at::Tensor mixed_gemv(const at::Tensor& x, const at::Tensor& weight) {
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const auto* wp = weight.data_ptr<c10::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  const int64_t k_size = weight.size(1), n_size = weight.size(0);
+  parallel_tiles(x.size(0), n_size, [&](auto rows, int64_t m0, int64_t n0, int64_t n1) {
+    gemv_rows<c10::BFloat16, rows(), float>(xp + m0 * k_size, wp, nullptr, k_size, n0, n1,
+                                             yp + m0 * n_size, n_size);
+  });
+  return y;
+}
+
 at::Tensor small_batch_linear(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && input.size(1) == weight.size(1),
               "input [rows, in] and weight [out, in] expected");
   TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  if (input.scalar_type() == at::kFloat && weight.scalar_type() == at::kBFloat16 &&
+      !bias.has_value()) {
+    return mixed_gemv(input.contiguous(), weight);
+  }
   TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->numel() == weight.size(0)),
               "bias [out] expected");
   TORCH_CHECK(input.scalar_type() == weight.scalar_type() &&

@@ -217,6 +217,18 @@ def test_small_batch_linear_matches_f_linear(weight_dtype, rows, in_features, wi
         assert _rel_error(actual, expected) < TOLERANCE[weight_dtype]
 
 
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("in_features", [64, 40, 576])
+def test_bf16_weights_under_fp32_rows_give_fp32(rows, in_features):
+    # The greedy head's first pass: each bf16 weight widened exactly, x and the sums in fp32.
+    weight = (torch.randn(37, in_features) / in_features**0.5).bfloat16()
+    x = torch.randn(rows, in_features)
+    actual = torch.ops.llm_cpu.small_batch_linear(x, weight, None)
+    assert actual.dtype == torch.float32 and actual.shape == (rows, 37)
+    if rows:
+        assert _rel_error(actual, x.double() @ weight.double().T) < 1e-6
+
+
 @pytest.mark.parametrize("bad_block", [-1, 10_000])
 def test_decode_attention_refuses_a_context_outside_the_cache(bad_block):
     # A padding or stale id inside a context is an error, not a read outside the cache.
@@ -341,7 +353,8 @@ def test_kernels_match_on_the_other_instruction_sets(capability):
          str(Path(__file__).with_name("test_cpu_fused_ops.py")),
          str(Path(__file__).with_name("test_cpu_w8a8.py")),
          str(Path(__file__).with_name("test_cpu_w4a8.py")),
-         "-k", "matches_reference or matches_f_linear or matches_apply_rotary or paths_agree"],
+         "-k", "matches_reference or matches_f_linear or matches_apply_rotary or paths_agree"
+         " or give_fp32"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
