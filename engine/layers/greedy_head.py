@@ -7,8 +7,10 @@ what the lower 16 could change: |w - high(w)| < 2^-7 |w|, so a row's approximate
 2^-7 * |x| . |w_v| <= 2^-7 * ||x|| * ||w_v|| (Cauchy-Schwarz; the row norms computed once) of its
 fp32 value, plus both dot products' fp32 rounding. Every token whose interval reaches the best
 lower bound is a candidate, and the candidates (a handful) get their exact fp32 logits from the
-full weights: the argmax is the fp32 head's, exactly. The logits returned are -inf outside the
-candidates, so only an argmax may read them (`SamplingParams.needs_only_argmax`).
+full weights: the argmax is the fp32 head's (up to the order of fp32 sums, as between any two
+fp32 GEMMs). The logits returned are -inf outside the candidates, so only an argmax may read
+them (`SamplingParams.needs_only_argmax`). The copy costs half the head again in memory (57 MB
+for SmolLM2).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def high_halves(weight: torch.Tensor) -> torch.Tensor:
 
 
 class GreedyHead:
-    """Argmax-only logits of an fp32 head; `weight()` gives the head's current fp32 weights
-    (they move into huge pages while the model serves)."""
+    """Argmax-only logits of an fp32 head. The head's fp32 weights come with each call: they
+    move into huge pages while the model serves, and this keeps no reference to the old ones."""
 
     def __init__(self, weight: torch.Tensor, high: torch.Tensor | None = None):
         if weight.dtype != torch.float32 or weight.dim() != 2:
