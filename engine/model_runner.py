@@ -168,7 +168,7 @@ class ModelRunner:
         would each choose."""
         if self.weight_mover is None or self.tp.world_size > 1:
             return True
-        if not self.is_mover_started or self.weight_mover.is_alive():
+        if not self._are_weights_in_place():
             return False
         if self.calibration is None:
             self.calibration = SmallBatchCalibration(self.model, self.dtype)
@@ -177,6 +177,10 @@ class ModelRunner:
             logger.info("the small-batch kernels take up to %d rows on this machine", rows)
             self.max_stack_rows = rows
         return self.calibration.is_done
+
+    def _are_weights_in_place(self) -> bool:
+        """Whether oneDNN's packing and the move into huge pages are done (never started: no)."""
+        return self.is_mover_started and not self.weight_mover.is_alive()
 
     def wait_for_weight_mover(self, start: bool = True) -> None:
         """Packing and moving take about a second; `start=False`: only one already started."""
@@ -237,8 +241,7 @@ class ModelRunner:
     def _greedy_head(self) -> GreedyHead | None:
         """The argmax-only head (fp32 heads on the CPU), built like the decoder stack once the
         weights are in their final place; None where it cannot serve."""
-        if (self.may_build_greedy_head and self.is_mover_started
-                and not self.weight_mover.is_alive()):
+        if self.may_build_greedy_head and self._are_weights_in_place():
             self.may_build_greedy_head = False
             self.greedy_head = build_greedy_head(self.model, self.tp.world_size)
         return self.greedy_head
@@ -252,7 +255,7 @@ class ModelRunner:
         if (num_tokens > self.max_stack_rows or inputs.meta.num_decode_tokens != num_tokens
                 or self.backend.name != "cpu" or self.weight_mover is None):
             return None
-        if self.may_build_stack and self.is_mover_started and not self.weight_mover.is_alive():
+        if self.may_build_stack and self._are_weights_in_place():
             self.may_build_stack = False  # once: None means it cannot serve this model
             self.decoder_stack = build_decoder_stack(self.model, self.kv_caches, self.dtype)
         return self.decoder_stack

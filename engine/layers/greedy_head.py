@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from engine.kernels import cpu_ops
+from engine.layers.linear import PackedLinear
 from engine.weights.huge_pages import move_to_huge_pages
 
 # bf16 keeps 8 of fp32's 24 significant bits: what truncation drops is under 2^-7 of |w|.
@@ -72,9 +73,7 @@ def build_greedy_head(model: nn.Module, world_size: int) -> GreedyHead | None:
     """The greedy head of `model`'s fp32 output head (plain weights, one rank), its first pass's
     weights in huge pages as the head's are; None for any other head."""
     head = getattr(model, "lm_head", None)
-    weight = getattr(head, "weight", None)
-    if (world_size != 1 or getattr(head, "quantization", "none") is not None
-            or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32
-            or weight.device.type != "cpu"):
+    if (world_size != 1 or not isinstance(head, PackedLinear) or head.quantization is not None
+            or head.weight.dtype != torch.float32):
         return None
-    return GreedyHead(weight, move_to_huge_pages([high_halves(weight)])[0])
+    return GreedyHead(head.weight, move_to_huge_pages([high_halves(head.weight)])[0])
