@@ -22,7 +22,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.calibration import SmallBatchCalibration
-from engine.layers.greedy_head import GREEDY_HEAD_MAX_ROWS, GreedyHead, build_greedy_head
+from engine.layers.greedy_head import GreedyHead, build_greedy_head
 from engine.layers.linear import (
     can_pack,
     max_small_batch_rows,
@@ -234,7 +234,7 @@ class ModelRunner:
             return empty, prompt_logits
         hidden = hidden[inputs.sample_indices]
         head = self._greedy_head() if inputs.is_argmax_only else None
-        if head is not None and hidden.shape[0] <= GREEDY_HEAD_MAX_ROWS:
+        if head is not None and head.serves(hidden.shape[0]):
             return head.logits(hidden, self.model.lm_head.weight), prompt_logits
         return self.model.compute_logits(hidden), prompt_logits
 

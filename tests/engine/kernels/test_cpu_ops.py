@@ -195,9 +195,10 @@ def test_engine_serves_on_the_references_until_the_kernels_load(tiny_llama_dir, 
     assert [o.token_ids for o in llm.generate(prompts, params)] == before
 
 
-# 1-7: one pass of the kernel; bf16 / fp16 8+: chunks of 8 rows (9, 19: the last one shorter);
-# fp32 8+ with in_features a multiple of 16: tiles of 4 weight rows x chunks of up to 6 rows (12:
-# two whole chunks; 8, 9, 19, 32: a shorter last one), the 37th weight row past the last tile.
+# 1-7: one pass of the kernel; fp16 8+: chunks of 8 rows (9, 19: the last one shorter); fp32 8+
+# with in_features a multiple of 16, and bf16 8+ with a multiple of 32 where the CPU has bf16 dot
+# products: tiles of 4 weight rows x chunks of up to 6 rows (12: two whole chunks; 8, 9, 19, 32:
+# a shorter last one), the 37th weight row past the last tile.
 ROWS = [0, 1, 2, 3, 4, 7, 8, 9, 12, 19, 32]
 
 
@@ -224,6 +225,18 @@ def test_bf16_weights_under_fp32_rows_give_fp32(rows, in_features):
     weight = (torch.randn(37, in_features) / in_features**0.5).bfloat16()
     x = torch.randn(rows, in_features)
     actual = torch.ops.llm_cpu.small_batch_linear(x, weight, None)
+    assert actual.dtype == torch.float32 and actual.shape == (rows, 37)
+    if rows:
+        assert _rel_error(actual, x.double() @ weight.double().T) < 1e-6
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("in_features", [64, 40, 576])
+def test_bf16_dots_give_fp32(rows, in_features):
+    # The greedy head's first pass from 8 rows on: bf16 x and weights, each product exact in fp32.
+    weight = (torch.randn(37, in_features) / in_features**0.5).bfloat16()
+    x = torch.randn(rows, in_features).bfloat16()
+    actual = torch.ops.llm_cpu.bf16_dot_linear(x, weight)
     assert actual.dtype == torch.float32 and actual.shape == (rows, 37)
     if rows:
         assert _rel_error(actual, x.double() @ weight.double().T) < 1e-6
@@ -353,8 +366,9 @@ def test_kernels_match_on_the_other_instruction_sets(capability):
          str(Path(__file__).with_name("test_cpu_fused_ops.py")),
          str(Path(__file__).with_name("test_cpu_w8a8.py")),
          str(Path(__file__).with_name("test_cpu_w4a8.py")),
+         str(Path(__file__).parents[1] / "layers" / "test_greedy_head.py"),
          "-k", "matches_reference or matches_f_linear or matches_apply_rotary or paths_agree"
-         " or give_fp32"],
+         " or give_fp32 or argmax_is_the_fp32_heads or finishes_as_the_torch_reference"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

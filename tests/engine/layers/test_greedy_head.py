@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.model_runner
 from engine import LLM, SamplingParams
 from engine.kernels import cpu_ops
 from engine.layers.greedy_head import GreedyHead, high_halves
@@ -25,8 +24,10 @@ def _rivals(num_distinct: int, copies: int, hidden_size: int, seed: int) -> torc
     return ((high << 16) | low).view(torch.float32)
 
 
+# 1-4: x in fp32 under the truncated weights; 5+: x rounded to bf16 too (from 8 on the kernel's
+# tiles, where the hidden size is a multiple of 32; 13 and 33 rows leave a shorter last chunk).
 @pytest.mark.parametrize("use_kernels", [True, False])
-@pytest.mark.parametrize("rows", [1, 2, 4, 7])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 13, 33])
 @pytest.mark.parametrize("hidden_size", [64, 40, 576])
 def test_argmax_is_the_fp32_heads(use_kernels, rows, hidden_size, monkeypatch):
     if use_kernels and not cpu_ops.load():
@@ -34,7 +35,8 @@ def test_argmax_is_the_fp32_heads(use_kernels, rows, hidden_size, monkeypatch):
     monkeypatch.setattr(cpu_ops, "is_loaded", lambda: use_kernels)
     num_misranked = 0  # rows whose first pass alone would choose another token
     for seed in range(10):
-        weight = _rivals(num_distinct=96, copies=8, hidden_size=hidden_size, seed=seed)
+        # 97 x 7 = 679 tokens: the last weight rows past the kernel's tiles of 4.
+        weight = _rivals(num_distinct=97, copies=7, hidden_size=hidden_size, seed=seed)
         hidden = torch.randn(rows, hidden_size, generator=torch.Generator().manual_seed(seed)) * 3
         exact = hidden.double() @ weight.double().T  # [rows, vocab]
         logits = GreedyHead(weight).logits(hidden, weight)
@@ -48,6 +50,24 @@ def test_argmax_is_the_fp32_heads(use_kernels, rows, hidden_size, monkeypatch):
         num_candidates = (logits > float("-inf")).sum(dim=1)
         assert (num_candidates < weight.shape[0] // 4).all()
     assert num_misranked >= rows  # the copies do test the second pass
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+def test_kernel_finishes_as_the_torch_reference(rows, monkeypatch):
+    # The second pass in C++ keeps the reference's candidates and gives their exact logits.
+    if not cpu_ops.load():
+        pytest.skip("no C++ kernels here")
+    weight = _rivals(num_distinct=97, copies=7, hidden_size=576, seed=rows)
+    hidden = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) * 3
+    head = GreedyHead(weight)
+    actual = head.logits(hidden, weight)
+    monkeypatch.setattr(cpu_ops, "is_loaded", lambda: False)
+    expected = head.logits(hidden, weight)
+    is_candidate = expected > float("-inf")
+    # The first passes differ only in the order of their fp32 sums: the same candidates bar
+    # ties at the boundary, which both keep within the margin.
+    assert torch.equal(actual > float("-inf"), is_candidate)
+    assert torch.allclose(actual[is_candidate], expected[is_candidate], rtol=1e-6, atol=1e-6)
 
 
 def test_high_halves_are_the_truncation_to_bf16():
@@ -68,14 +88,16 @@ def test_rejects_other_heads():
 
 
 def _generate(llm: LLM, use_head: bool, monkeypatch) -> list[tuple]:
-    monkeypatch.setattr(engine.model_runner, "GREEDY_HEAD_MAX_ROWS", 4 if use_head else 0)
+    monkeypatch.setattr(GreedyHead, "serves", lambda self, num_rows: use_head)
+    # 3 rows: x in fp32; 9: x rounded to bf16 (in the kernel's tiles where the CPU has bf16 dots).
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    prompts += [[17 + i, 40 + i, 90 + i] for i in range(6)]
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = llm.generate(prompts, greedy)
     # A row asking for logprobs takes the whole step to the full head.
     mixed = [greedy, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2),
              SamplingParams(temperature=0.8, seed=3, max_tokens=8, ignore_eos=True)]
-    outputs += llm.generate(prompts, mixed)
+    outputs += llm.generate(prompts[:3], mixed)
     return [(o.token_ids, o.outputs[0].logprobs) for o in outputs]
 
 
