@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from engine.models import ForwardContext
 from engine.models.decoder_stack import build_decoder_stack
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.weights.huge_pages import huge_page_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,15 @@ def zeros_on_first_touch(shape: tuple[int, ...], dtype: torch.dtype,
                          device: torch.device) -> torch.Tensor:
     """Zeros that cost nothing up front. On the CPU, anonymous memory: the OS maps in a zeroed
     page the first time one is written (`torch.zeros` would write all of it at start: ~1 s per
-    GiB on these machines, on the cold-start path)."""
+    GiB on these machines, on the cold-start path), in huge pages where it can. In 4 KiB pages a
+    decode step's cache writes were mostly those first-touch faults: 32 sequences, 30 layers,
+    fresh blocks 2.4-3.2 ms a step against 0.3-0.5 ms once written (Zen 4)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     num_bytes = math.prod(shape) * dtype.itemsize
     if num_bytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    # The tensor holds a reference to the mapping, which lives as long as the tensor does.
-    return torch.frombuffer(mmap.mmap(-1, num_bytes), dtype=dtype).view(shape)
+    return huge_page_zeros(num_bytes).view(dtype).view(shape)
 
 
 class ModelRunner:

@@ -24,6 +24,19 @@ def _aligned(num_bytes: int, alignment: int) -> int:
     return (num_bytes + alignment - 1) // alignment * alignment
 
 
+def huge_page_zeros(num_bytes: int) -> torch.Tensor:
+    """uint8 [num_bytes] of zeros that cost nothing up front: a private anonymous mapping, from a
+    huge-page boundary, advised for huge pages where the OS takes the advice. The OS maps in a
+    zeroed page the first time one is written, 2 MiB at a time where it can: one fault where
+    4 KiB pages take 512. The tensor keeps the mapping alive."""
+    mapping = mmap.mmap(-1, num_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    arena = torch.frombuffer(mapping, dtype=torch.uint8)
+    offset = (-arena.data_ptr()) % HUGE_PAGE
+    return arena[offset : offset + num_bytes]
+
+
 def move_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous copies of `tensors` (CPU) in one huge-page mapping, in order. Tensors sharing
     storage come back as one copy. Returns the inputs unchanged where the OS has no such advice."""
