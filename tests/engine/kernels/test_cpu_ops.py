@@ -107,6 +107,34 @@ def test_store_kv_matches_reference(dtype, head_dim):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_read_slices_of_the_fused_projection(dtype):
+    """q, k and v as the model makes them, slices of one qkv row each (rows apart by the fused
+    width), read in place: what dense copies of them give, bit for bit. Heads that are not dense
+    within a row (a transpose) are copied first, and give the same too."""
+    group, head_dim = 3, 64
+    lens = [1, 17, 40, 100]
+    k_cache, v_cache, tables = _paged_cache(lens, 16, head_dim, dtype)
+    num_heads, kv_size = NUM_KV_HEADS * group, NUM_KV_HEADS * head_dim
+    qkv = torch.randn(len(lens), num_heads * head_dim + 2 * kv_size).to(dtype)
+    q, k, v = qkv.split([num_heads * head_dim, kv_size, kv_size], dim=1)
+    q, k, v = (t.view(len(lens), -1, head_dim) for t in (q, k, v))
+    slots = torch.tensor([0, 40, 90, -1])
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(3)]
+    torch.ops.llm_cpu.store_kv(k, v, *caches[0], slots)
+    torch.ops.llm_cpu.store_kv(k.contiguous(), v.contiguous(), *caches[1], slots)
+    k_t = k.transpose(0, 1).contiguous().transpose(0, 1)  # heads not dense within a row
+    torch.ops.llm_cpu.store_kv(k_t, v, *caches[2], slots)
+    assert all(torch.equal(a, b) for c in caches[1:] for a, b in zip(caches[0], c, strict=True))
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    attend = torch.ops.llm_cpu.paged_decode_attention
+    in_place = attend(q, k_cache, v_cache, tables, context_lens, 0.125)
+    assert torch.equal(in_place, attend(q.contiguous(), k_cache, v_cache, tables, context_lens,
+                                        0.125))
+    q_t = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(in_place, attend(q_t, k_cache, v_cache, tables, context_lens, 0.125))
+
+
 def test_kernels_refuse_bad_arguments():
     k_cache, v_cache, tables = _paged_cache([20], 16, 64, torch.float32)
     query = torch.randn(1, 2, 64)
