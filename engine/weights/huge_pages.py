@@ -45,13 +45,11 @@ def move_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     unique = {t.data_ptr(): t for t in tensors}
     total = sum(_aligned(t.numel() * t.element_size(), ALIGNMENT) for t in unique.values())
     try:
-        arena = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        arena.madvise(mmap.MADV_HUGEPAGE)
+        arena_bytes = huge_page_zeros(total)  # from a huge-page boundary
     except OSError as e:  # no memory for a second copy: the weights stay where they are
         logger.warning("weights not moved into huge pages: %s", e)
         return tensors
-    arena_bytes = torch.frombuffer(arena, dtype=torch.uint8)  # keeps the mapping alive
-    offset = (-arena_bytes.data_ptr()) % HUGE_PAGE  # the first tensor on a huge-page boundary
+    offset = 0
     copies = {}
     for ptr, t in unique.items():
         num_bytes = t.numel() * t.element_size()
