@@ -216,6 +216,33 @@ at::Tensor w8a8_linear(const at::Tensor& input, const at::Tensor& packed,
   return y;
 }
 
+// fp32 [rows, 2]: each row's norm ||x|| and that of what rounding it to int8 (as `w8a8_linear`
+// rounds it) drops, ||x - q * scale||, the sums in fp64: what bounds the greedy head's int8 pass
+// (engine/layers/greedy_head.py).
+at::Tensor int8_rounding_norms(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kFloat &&
+                  input.size(1) % small_batch::kGroup == 0,
+              "fp32 input [rows, in] in groups of 32 expected");
+  const at::Tensor x = input.contiguous();
+  const int64_t num_rows = x.size(0), k_size = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const int8_rows::QuantizedRows rows = int8_rows::quantize_rows(xp, num_rows, k_size);
+  at::Tensor norms = at::empty({num_rows, 2}, x.options());
+  float* out = norms.data_ptr<float>();
+  for (int64_t m = 0; m < num_rows; ++m) {
+    double squares = 0.0, error_squares = 0.0;
+    for (int64_t k = m * k_size; k < (m + 1) * k_size; ++k) {
+      const double error = static_cast<double>(xp[k]) -
+                           static_cast<double>(rows.q[k]) * rows.scale[k / small_batch::kGroup];
+      squares += static_cast<double>(xp[k]) * xp[k];
+      error_squares += error * error;
+    }
+    out[2 * m] = static_cast<float>(std::sqrt(squares));
+    out[2 * m + 1] = static_cast<float>(std::sqrt(error_squares));
+  }
+  return norms;
+}
+
 // The int8-activation kernels' path ("vnni", "avx2" or "scalar"); `use` another one (tests: the
 // paths against each other on one machine), if this CPU and build have it.
 std::string int8_activation_path(const c10::optional<std::string>& use) {
@@ -238,8 +265,10 @@ std::string int8_activation_path(const c10::optional<std::string>& use) {
 TORCH_LIBRARY_FRAGMENT(llm_cpu, m) {
   m.def("w8a8_linear(Tensor input, Tensor packed, Tensor packed_scale, Tensor? bias) -> Tensor");
   m.def("int8_activation_path(str? use=None) -> str", &int8_activation_path);
+  m.def("int8_rounding_norms(Tensor input) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llm_cpu, CPU, m) {
   m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("int8_rounding_norms", &int8_rounding_norms);
 }
