@@ -28,6 +28,7 @@ from engine.layers.linear import (
     pack_and_move,
     pack_linears,
 )
+from engine.layers.lossless import LOSSLESS_MAX_ROWS
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import ForwardContext
 from engine.models.decoder_stack import build_decoder_stack
@@ -128,6 +129,7 @@ class ModelRunner:
         self.is_mover_started = False
         self.has_executed = False  # the mover starts with the second step
         self.decoder_stack: Any = None  # built once the move is done (_decoder_stack)
+        self.lossless_stack: Any = None  # the same on 4-bit copies of fp32 weights, if any
         self.max_stack_rows = max_small_batch_rows(quantization)
         self.may_build_stack = True
         self.greedy_head: GreedyHead | None = None  # built once the move is done (_greedy_head)
@@ -259,6 +261,10 @@ class ModelRunner:
         if self.may_build_stack and self._are_weights_in_place():
             self.may_build_stack = False  # once: None means it cannot serve this model
             self.decoder_stack = build_decoder_stack(self.model, self.kv_caches, self.dtype)
+            self.lossless_stack = build_decoder_stack(self.model, self.kv_caches, self.dtype,
+                                                      lossless=True)
+        if num_tokens <= LOSSLESS_MAX_ROWS and self.lossless_stack is not None:
+            return self.lossless_stack
         return self.decoder_stack
 
     def _compiled_decode(self, batch: ScheduledBatch) -> StepOutput | None:

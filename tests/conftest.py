@@ -10,7 +10,11 @@ import pytest  # noqa: E402
 
 from engine import LLM, EngineConfig  # noqa: E402
 from tests.handler.server import serve  # noqa: E402
-from tests.tiny_models import TINY_MODEL_KINDS, make_tiny_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    TINY_MODEL_KINDS,
+    make_int4_exact_model,
+    make_tiny_model,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,6 +32,12 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     """A Hugging Face folder (safetensors, config, tokenizer) per tiny random architecture."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {kind: make_tiny_model(kind, root / kind) for kind in TINY_MODEL_KINDS}
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_exact_dir(tmp_path_factory) -> str:
+    """A tiny Llama whose layers' fp32 weights are exactly 4-bit values (a dequantized GGUF's)."""
+    return make_int4_exact_model("llama", tmp_path_factory.mktemp("tiny-int4-exact") / "llama")
 
 
 @pytest.fixture(scope="session")

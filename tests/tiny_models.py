@@ -82,6 +82,26 @@ def make_tiny_model(kind: str, folder: Path) -> str:
     return str(folder)
 
 
+def make_int4_exact_model(kind: str, folder: Path) -> str:
+    """The tiny `kind` model with each decoder layer's linear weights rounded to 4-bit values
+    (m + d q per group of 32, as a model dequantized from a Q4_1 GGUF holds them): fp32 weights
+    that engine/layers/lossless.py keeps as 4-bit values, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.layers.quantization import dequantize_int4, quantize_int4
+
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight
+                weight.copy_(dequantize_int4(*quantize_int4(weight), torch.float32))
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
 @cache
 def _hf_model(folder: str):
     from transformers import AutoModelForCausalLM

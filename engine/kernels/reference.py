@@ -199,6 +199,15 @@ def _int16_x_linear_reference(
     return y.to(x.dtype)
 
 
+def int4_fp32_linear_reference(x: torch.Tensor, packed: torch.Tensor, step_min: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor:
+    """What `llm_cpu::int4_fp32_linear` computes, up to the order of its fp32 sums: x times the
+    weights rebuilt from engine/layers/lossless.py's nibbles and scales."""
+    nibbles = packed.reshape(packed.shape[0], -1)  # [out, in / 2]
+    weight = dequantize_int4(nibbles, step_min.permute(2, 0, 1), torch.float32)  # exact
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
 def w8a8_linear_reference(
     x: torch.Tensor,  # [rows, in], in groups of 32
     qweight: torch.Tensor,  # int8 [out, in]

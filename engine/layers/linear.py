@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.kernels import cpu_ops
 from engine.kernels.reference import w4a8_linear_reference, w8a8_linear_reference
+from engine.layers.lossless import LOSSLESS_MAX_ROWS, lossless_int4
 from engine.layers.quantization import (
     GROUP_SIZE,
     can_pack_w8a8,
@@ -124,6 +125,9 @@ class PackedLinear(nn.Module):
         # An opaque oneDNN tensor: a plain attribute, outside the module's state dict.
         self.packed_weight: torch.Tensor | None = None
         self.bias = None if bias is None else bias.detach()
+        # fp32 weights that are exactly 4-bit values, as such (engine/layers/lossless.py): found
+        # in the background (`find_lossless`), for the small-batch kernel at up to 8 rows.
+        self.lossless: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def pack(self) -> None:
         """Make oneDNN's packed weight. Safe while the layer serves: `forward` reads the unpacked
@@ -133,10 +137,18 @@ class PackedLinear(nn.Module):
                 self.unpacked_weight, PACK_ROWS_HINT)
             self.unpacked_weight = None
 
+    def find_lossless(self) -> None:
+        """Keep the plain fp32 weights also as 4-bit values where they are exactly that."""
+        if self.quantization is None:
+            self.lossless = lossless_int4(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantization in INT8_ACTIVATIONS:
             return self._int8_activations(x)
         if x.shape[0] <= self.max_small_batch_rows and cpu_ops.is_loaded():
+            lossless = self.lossless
+            if lossless is not None and x.shape[0] <= LOSSLESS_MAX_ROWS:
+                return torch.ops.llm_cpu.int4_fp32_linear(x, *lossless, self.bias)
             if self.quantization == "int4":
                 return torch.ops.llm_cpu.int4_small_batch_linear(
                     x, self.weight, self.weight_scale, self.bias)
@@ -187,10 +199,12 @@ def pack_linears(model: nn.Module, quantization: str | None = None) -> int:
 
 def pack_and_move(model: nn.Module) -> None:
     """What the model runner runs in the background once the model serves: oneDNN's packed
-    weights made, then the plain ones moved into huge pages."""
+    weights made, the plain ones kept also as 4-bit values where they are exactly that, then
+    moved into huge pages."""
     for module in model.modules():
         if isinstance(module, PackedLinear):
             module.pack()
+            module.find_lossless()
     move_plain_weights_to_huge_pages(model)
     release_free_memory()  # what the packing and the move replaced
 
@@ -211,3 +225,7 @@ def move_plain_weights_to_huge_pages(model: nn.Module) -> None:
             setattr(owner, attribute, nn.Parameter(new, requires_grad=param.requires_grad))
     for m, new in zip(packed, moved, strict=True):
         m.weight = new
+    lossless = [m for m in packed if m.lossless is not None]
+    moved = move_to_huge_pages([t for m in lossless for t in m.lossless])
+    for i, m in enumerate(lossless):
+        m.lossless = (moved[2 * i], moved[2 * i + 1])

@@ -20,10 +20,15 @@ from engine.layers.linear import PackedLinear
 
 
 def build_decoder_stack(model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                        dtype: torch.dtype) -> Any | None:
+                        dtype: torch.dtype, lossless: bool = False) -> Any | None:
     """The stack over `model`'s layers and caches, or None where it cannot serve: no C++
-    kernels, linears not packed for the CPU, a tensor-parallel shard, norms in another dtype."""
+    kernels, linears not packed for the CPU, a tensor-parallel shard, norms in another dtype.
+    `lossless`: the linears' 4-bit copies where they have one (engine/layers/lossless.py), as
+    the Python layers read them at up to `LOSSLESS_MAX_ROWS` rows; None if none has."""
     if not cpu_ops.is_loaded() or model.tp.world_size > 1:
+        return None
+    if lossless and not any(isinstance(m, PackedLinear) and m.lossless is not None
+                            for m in model.layers.modules()):
         return None
     first = model.layers[0]
     attn = first.self_attn
@@ -37,12 +42,13 @@ def build_decoder_stack(model: nn.Module, kv_caches: list[tuple[torch.Tensor, to
             return None
         if any(w.dtype != dtype for w in norms):
             return None
-        stack.add_layer(
-            norms[0], *_linear(attn.qkv_proj), *_linear(attn.o_proj), norms[1],
-            *_linear(mlp.gate_up_proj)[:2], *_linear(mlp.down_proj)[:2], k_cache, v_cache,
-        )
+        qkv, o, gate_up, down = (_linear(m, lossless) for m in linears)
+        stack.add_layer(norms[0], *qkv, *o, norms[1], *gate_up[:2], *down[:2], k_cache, v_cache)
     return stack
 
 
-def _linear(m: PackedLinear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _linear(m: PackedLinear, lossless: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if lossless and m.lossless is not None:
+        return *m.lossless, m.bias
     return m.weight, m.weight_scale, m.bias

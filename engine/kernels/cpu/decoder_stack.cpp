@@ -24,7 +24,7 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 }
 
 // A linear layer as the small-batch kernels take it: plain, or int8, int4, w8a8 or w4a8 with
-// scales per group.
+// scales per group, or fp32 weights stored exactly as 4-bit values.
 struct Linear {
   at::Tensor weight;
   OptionalTensor scale;
@@ -42,7 +42,13 @@ struct Linear {
                                            const OptionalTensor&)>("llm_cpu::w8a8_linear");
     static const auto w4a8 = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const OptionalTensor&)>("llm_cpu::w4a8_linear");
+    static const auto int4_fp32 = op<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const OptionalTensor&)>(
+        "llm_cpu::int4_fp32_linear");
     if (!scale.has_value()) return plain.call(x, weight, bias);
+    // fp32 weights kept exactly as 4-bit values (engine/layers/lossless.py): nibbles 3-D
+    if (weight.dim() == 3 && weight.scalar_type() == at::kByte)
+      return int4_fp32.call(x, weight, *scale, bias);
     // w8a8: packed in tiles, 4-D; w4a8: 5-D; int4: two weights a byte (uint8), its scale the
     // steps and minimums; int8: one scale
     if (weight.dim() == 4) return w8a8.call(x, weight, *scale, bias);

@@ -395,6 +395,7 @@ def test_kernels_match_on_the_other_instruction_sets(capability):
          str(Path(__file__).with_name("test_cpu_w8a8.py")),
          str(Path(__file__).with_name("test_cpu_w4a8.py")),
          str(Path(__file__).parents[1] / "layers" / "test_greedy_head.py"),
+         str(Path(__file__).parents[1] / "layers" / "test_lossless.py"),
          "-k", "matches_reference or matches_f_linear or matches_apply_rotary or paths_agree"
          " or give_fp32 or argmax_is_the_fp32_heads or finishes_as_the_torch_reference"],
         env=env, capture_output=True, text=True, timeout=900,

@@ -1,6 +1,7 @@
 """The C++ decoder stack gives what the Python layers give, bit for bit: the same greedy tokens and
-the same log-probabilities, plain and int8, with and without biases, at 1-4 decoding sequences
-(the stack) and beside steps of more (the Python layers)."""
+the same log-probabilities, plain and int8 (and fp32 weights kept as 4-bit values), with and
+without biases, at 1-4 decoding sequences (the stack) and beside steps of more (the Python
+layers)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18], [19, 20, 2
 
 def _generate(llm: LLM, use_stack: bool, num_prompts: int) -> list[tuple]:
     runner = llm.engine.runner
-    runner.decoder_stack, runner.may_build_stack = None, use_stack
+    runner.decoder_stack, runner.lossless_stack, runner.may_build_stack = None, None, use_stack
     runner.max_stack_rows = 4  # whatever this CPU's kernels take: steps of more go to Python
     # Lengths differ, so six sequences become four, then fewer: both paths in one run.
     params = [SamplingParams(temperature=0.0, max_tokens=6 + 2 * i, ignore_eos=True, logprobs=3)
@@ -46,6 +47,16 @@ def test_stack_equals_the_python_layers(tiny_model_dirs, kind, dtype, quantizati
     llm.engine.runner.wait_for_weight_mover()
     expected = _generate(llm, use_stack=False, num_prompts=num_prompts)
     assert _generate(llm, use_stack=True, num_prompts=num_prompts) == expected
+
+
+@pytest.mark.parametrize("num_prompts", [1, 3, 6])
+def test_lossless_stack_equals_the_python_layers(tiny_int4_exact_dir, num_prompts):
+    # fp32 weights that are exactly 4-bit values: both read the 4-bit copies at these rows.
+    llm = LLM(tiny_int4_exact_dir, dtype="float32")
+    llm.engine.runner.wait_for_weight_mover()
+    expected = _generate(llm, use_stack=False, num_prompts=num_prompts)
+    assert _generate(llm, use_stack=True, num_prompts=num_prompts) == expected
+    assert llm.engine.runner.lossless_stack is not None
 
 
 def test_no_stack_without_the_cpu_kernels(tiny_model_dirs):
