@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.inbox import Inbox
+from engine.inbox import IDLE_POLL, IDLE_WAIT, Inbox
 from engine.input_processor import EngineRequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -268,13 +268,15 @@ class AsyncLLM(AsyncEngineClient):
                 self.engine.abort(str(payload))
 
     def _run(self) -> None:
+        is_idle_work_left = False  # until the loop has been idle for IDLE_WAIT
         try:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
-                    if not self._inbox.wait(timeout=0.5):
-                        self.engine.when_idle()
+                    if not self._inbox.wait(timeout=IDLE_POLL if is_idle_work_left else IDLE_WAIT):
+                        is_idle_work_left = self.engine.when_idle()
                     continue
+                is_idle_work_left = False
                 self._deliver_step(self.engine.step())
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop; report it
             logger.exception("engine loop died")

@@ -26,7 +26,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from engine.inbox import Inbox
+from engine.inbox import IDLE_POLL, IDLE_WAIT, Inbox
 
 if TYPE_CHECKING:
     from engine.background import BackgroundLoader
@@ -156,15 +156,17 @@ class EngineLoop:
         return bool(inbox)
 
     def run(self) -> None:
+        is_idle_work_left = False  # until the loop has been idle for IDLE_WAIT
         try:
             while not self._stopping:
                 if self._drain_inbox():
                     self.channel.send("stats", self.engine.stats())  # aborts free blocks
                 if not self.engine.has_unfinished_requests():
-                    if not self._inbox.wait(timeout=0.5):
-                        self.engine.when_idle()
+                    if not self._inbox.wait(timeout=IDLE_POLL if is_idle_work_left else IDLE_WAIT):
+                        is_idle_work_left = self.engine.when_idle()
                     self.engine.check_workers()  # a dead rank is reported even while idle
                     continue
+                is_idle_work_left = False
                 outputs = self.engine.step()
                 self.channel.send("outputs", (outputs, self.engine.stats()))
         except (BrokenPipeError, EOFError):

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import threading
 
+# The step loops' waits when idle: half a second before the idle work starts (a burst's next
+# request usually comes sooner), then this between its slices while some remains
+# (`LLMEngine.when_idle`).
+IDLE_WAIT, IDLE_POLL = 0.5, 0.005
 
 class Inbox:
     def __init__(self):

@@ -266,15 +266,17 @@ class LLMEngine:
         self.core.finish_request(request_id, FinishReason.ABORT)
         self.output_processor.abort(request_id)
 
-    def when_idle(self) -> None:
+    def when_idle(self) -> bool:
         """What a warm server has done and no request should wait for (nor share the GIL
         with): the weights packed and moved, transformers' part of the tokenizer, for chat
-        templates, the small-batch kernels' limit timed once they are. Called by the step loop
-        after half a second with nothing to do; idempotent."""
+        templates, the small-batch kernels' limit timed once they are, then the KV cache
+        faulted in a slice a call. Called by the step loop after half a second with nothing to
+        do; idempotent. True while some of it remains: the loop calls again soon."""
         self.runner.start_weight_mover()
         self.runner.calibrate_small_batch_rows()
         if self.tokenizer is not None:
             self.tokenizer.preload()
+        return self.runner.prefault_kv_cache()
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()

@@ -34,9 +34,11 @@ from engine.models import ForwardContext
 from engine.models.decoder_stack import build_decoder_stack
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-from engine.weights.huge_pages import huge_page_zeros
+from engine.weights.huge_pages import huge_page_zeros, populate
 
 logger = logging.getLogger(__name__)
+
+KV_PREFAULT_BYTES = 16 << 20  # faulted in per idle call: a request that comes waits at most this
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -135,6 +137,8 @@ class ModelRunner:
         self.greedy_head: GreedyHead | None = None  # built once the move is done (_greedy_head)
         self.may_build_greedy_head = True
         self.calibration: SmallBatchCalibration | None = None
+        # How much of the KV cache idle time has faulted in (prefault_kv_cache); None: not to.
+        self.kv_prefaulted: int | None = 0 if device.type == "cpu" else None
         if can_pack(device, dtype):
             logger.info("CPU linears for oneDNN%s: %d",
                         f", {quantization} weights" if quantization else "",
@@ -187,6 +191,23 @@ class ModelRunner:
             logger.info("the small-batch kernels take up to %d rows on this machine", rows)
             self.max_stack_rows = rows
         return self.calibration.is_done
+
+    def prefault_kv_cache(self) -> bool:
+        """When idle, once the weights are in place: the next KV_PREFAULT_BYTES of the cache
+        faulted in (~35 ms here). The cache is mapped but untouched at start (a cold start
+        pays nothing for it), and the block manager hands out never-used blocks before cached
+        ones, so for the first few loads after a start every new block was a first write:
+        ~1.7 ms a block of SmolLM2 (30 layers' keys and values), 0.4 s of a 32-prompt prefill.
+        True while some of the cache remains."""
+        if self.kv_prefaulted is None or not self._are_weights_in_place():
+            return False
+        total = self.kv_cache.numel() * self.kv_cache.element_size()
+        num_bytes = min(KV_PREFAULT_BYTES, total - self.kv_prefaulted)
+        if num_bytes <= 0 or not populate(self.kv_cache, self.kv_prefaulted, num_bytes):
+            self.kv_prefaulted = None  # done, or the OS cannot
+            return False
+        self.kv_prefaulted += num_bytes
+        return True
 
     def _are_weights_in_place(self) -> bool:
         """Whether oneDNN's packing and the move into huge pages are done (never started: no)."""

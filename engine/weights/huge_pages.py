@@ -9,6 +9,7 @@ Where the kernel has THP off the mapping is plain memory and nothing is lost.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 
@@ -35,6 +36,21 @@ def huge_page_zeros(num_bytes: int) -> torch.Tensor:
     arena = torch.frombuffer(mapping, dtype=torch.uint8)
     offset = (-arena.data_ptr()) % HUGE_PAGE
     return arena[offset : offset + num_bytes]
+
+
+# Linux 5.14+: fault pages in as a first write would, without writing (Python's mmap module
+# lacks the constant before 3.13).
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def populate(tensor: torch.Tensor, offset: int, num_bytes: int) -> bool:
+    """Map in the pages of `tensor`'s bytes [offset, offset + num_bytes) now (page-aligned;
+    their contents unchanged), so that no later write waits on a first-touch fault: ~2 ms a MiB
+    on these VMs, one core. Through ctypes, which lets go of the GIL for the call. False where
+    the OS cannot (an older kernel): the pages then fault in as they are written."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(tensor.data_ptr() + offset, num_bytes, MADV_POPULATE_WRITE) == 0
 
 
 def move_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
