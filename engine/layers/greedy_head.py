@@ -58,15 +58,20 @@ BF16_DOTS_MAX_ROWS = 64
 INT8_MAX_ROWS = 256
 
 
+def _rounding_error(in_features: int) -> float:
+    """Both passes' fp32 rounding, relative to ||x|| ||w_v||: ROUNDING_ERROR up to K = 2,048."""
+    return ROUNDING_ERROR * max(1.0, in_features / 2048)
+
+
 class Bf16FirstPass:
     """x . high(w): |w - high(w)| < 2^-7 |w|, so a logit moves by under 2^-7 ||x|| ||w_v||; x
-    rounded to bf16 (`rounds_x_from` rows on) adds 2^-8 ||x|| ||w_v||. The copy costs half the head
-    again in memory (57 MB for SmolLM2)."""
+    rounded to bf16 (past GREEDY_HEAD_MAX_ROWS rows) adds 2^-8 ||x|| ||w_v||. The copy costs half
+    the head again in memory (57 MB for SmolLM2)."""
 
     def __init__(self, weight: torch.Tensor, high: torch.Tensor | None, has_bf16_dots: bool):
         self.high = high_halves(weight) if high is None else high
         self.norms = weight.norm(dim=1)[None]  # fp32 [1, vocab]: ||w_v||
-        self.rounding_error = ROUNDING_ERROR * max(1.0, weight.shape[1] / 2048)
+        self.rounding_error = _rounding_error(weight.shape[1])
         self.max_rows = BF16_DOTS_MAX_ROWS if has_bf16_dots else GREEDY_HEAD_MAX_ROWS
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +113,7 @@ class Int8FirstPass:
         # [2, vocab]: ||w_v - w_v'||, then ||w_v|| + ||w_v - w_v'||, over both ||w_v|| and ||w_v'||
         self.norms = torch.stack([residual, weight.norm(dim=1) + residual]) * NORM_SLACK
         self.packed, self.packed_scale = pack_w8a8(qweight, scale)
-        rounding_error = ROUNDING_ERROR * max(1.0, weight.shape[1] / 2048)
-        self.mix = torch.tensor([[1.0, rounding_error], [0.0, 1.0]]) * NORM_SLACK
+        self.mix = torch.tensor([[1.0, _rounding_error(weight.shape[1])], [0.0, 1.0]]) * NORM_SLACK
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(approximate logits fp32 [rows, vocab], the rows' margin scales [rows, 2])."""

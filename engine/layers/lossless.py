@@ -31,7 +31,8 @@ def lossless_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     `weight` (fp32 [out, in]) exactly, or None where it is not 4-bit values."""
     if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % GROUP_SIZE:
         return None
-    if not _is_exact(weight[:_PROBE_ROWS]):
+    probe = weight[:_PROBE_ROWS]
+    if not _is_exact(probe, *quantize_int4(probe)):
         return None
     packed, step_min = quantize_int4(weight)
     if not _is_exact(weight, packed, step_min):
@@ -41,10 +42,6 @@ def lossless_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
             step_min.permute(1, 2, 0).contiguous())  # [out, groups, 2]: d and m side by side
 
 
-def _is_exact(weight: torch.Tensor, packed: torch.Tensor | None = None,
-              step_min: torch.Tensor | None = None) -> bool:
-    if packed is None or step_min is None:
-        packed, step_min = quantize_int4(weight)
+def _is_exact(weight: torch.Tensor, packed: torch.Tensor, step_min: torch.Tensor) -> bool:
     rebuilt = dequantize_int4(packed, step_min, torch.float32)
     return torch.equal(rebuilt.view(torch.int32), weight.contiguous().view(torch.int32))
-

@@ -10,6 +10,7 @@ Where the kernel has THP off the mapping is plain memory and nothing is lost.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 
@@ -48,9 +49,14 @@ def populate(tensor: torch.Tensor, offset: int, num_bytes: int) -> bool:
     their contents unchanged), so that no later write waits on a first-touch fault: ~2 ms a MiB
     on these VMs, one core. Through ctypes, which lets go of the GIL for the call. False where
     the OS cannot (an older kernel): the pages then fault in as they are written."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(tensor.data_ptr() + offset, num_bytes, MADV_POPULATE_WRITE) == 0
+    return _madvise()(tensor.data_ptr() + offset, num_bytes, MADV_POPULATE_WRITE) == 0
+
+
+@functools.cache
+def _madvise():  # noqa: ANN202 - a ctypes function
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def move_to_huge_pages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
