@@ -49,7 +49,8 @@ __attribute__((target("avx2"))) inline __m256 transpose_sum8(const __m256* v) {
 
 // logits[h * context_len + t] = q[h] . key t for the num_kv * group query heads (q scaled
 // already) of the KV heads whose keys (one run per token) the walk reads: each token's run read
-// in order, as `prefetch_next` asks for it; heads kMaxHeads at a time.
+// in order, prefetch_next() called before each (in the first pass of heads); heads kMaxHeads
+// at a time.
 constexpr int kMaxHeads = 16;
 
 template <typename T, int D, typename Prefetch>
@@ -67,7 +68,7 @@ __attribute__((target("avx2,fma"))) void scores(const float* q, const TokenWalk<
       for (int h = h0; h < h1; ++h)
         for (int t = count; t < kLanes; ++t) partial[h - h0][t] = _mm256_setzero_ps();
       for (int t = 0; t < count; ++t) {
-        if (h0 == 0 && walk.in_block == 0) prefetch_next(walk.block);
+        if (h0 == 0) prefetch_next();
         const T* token = walk.next();
         for (int h = h0; h < h1; ++h) {
           const T* k = token + (h / group) * D;
@@ -91,11 +92,13 @@ __attribute__((target("avx2,fma"))) void scores(const float* q, const TokenWalk<
 
 // out[g] = sum_t p[g][t] v_t * inv_sum[g] for the `group` heads of one KV head, each head's D
 // floats in registers (a head at a time: 8 registers for 64).
-template <typename T, int D>
+// prefetch_next() is called before each token's read in the first pass.
+template <typename T, int D, typename Prefetch>
 __attribute__((target("avx2,fma"))) void weighted_values(const float* p,
                                                          const TokenWalk<T>& values,
                                                          int context_len, int group,
-                                                         const float* inv_sum, T* out) {
+                                                         const float* inv_sum,
+                                                         const Prefetch& prefetch_next, T* out) {
   constexpr int kVecs = D / kLanes;
   for (int g = 0; g < group; ++g) {
     TokenWalk<T> walk = values;
@@ -103,6 +106,7 @@ __attribute__((target("avx2,fma"))) void weighted_values(const float* p,
     for (int c = 0; c < kVecs; ++c) acc[c] = _mm256_setzero_ps();
     const float* weights = p + g * context_len;
     for (int t = 0; t < context_len; ++t) {
+      if (g == 0) prefetch_next();
       const T* v = walk.next();
       const __m256 weight = _mm256_broadcast_ss(weights + t);
       for (int c = 0; c < kVecs; ++c) acc[c] = _mm256_fmadd_ps(weight, load8(v + c * kLanes), acc[c]);

@@ -59,8 +59,8 @@ __attribute__((target("avx512f"))) inline __m512 transpose_sum16(const __m512* v
 
 // logits[h * context_len + t] = q[h] . key t for the num_kv * group query heads (q scaled
 // already) of the KV heads whose keys (one run per token) the walk reads: each token's run read
-// in order, as `prefetch_next` asks for it; heads kMaxHeads at a time (their 16 keys' vectors
-// held for transpose_sum16).
+// in order, prefetch_next() called before each (in the first pass of heads); heads kMaxHeads
+// at a time (their 16 keys' vectors held for transpose_sum16).
 constexpr int kMaxHeads = 16;
 
 template <typename T, int D, typename Prefetch>
@@ -79,7 +79,7 @@ __attribute__((target("avx512f,avx512bw"))) void scores(const float* q, const To
       for (int h = h0; h < h1; ++h)
         for (int t = count; t < kLanes; ++t) partial[h - h0][kOrder[t]] = _mm512_setzero_ps();
       for (int t = 0; t < count; ++t) {
-        if (h0 == 0 && walk.in_block == 0) prefetch_next(walk.block);
+        if (h0 == 0) prefetch_next();
         const T* token = walk.next();
         for (int h = h0; h < h1; ++h) {
           const T* k = token + (h / group) * D;  // the compiler keeps each KV head's vectors
@@ -103,10 +103,11 @@ __attribute__((target("avx512f,avx512bw"))) void scores(const float* q, const To
 
 // out[g] = sum_t p[g][t] v_t * inv_sum[g] for the `group` heads of one KV head, each head's D
 // floats in registers; heads in passes of as many as 16 registers hold.
-template <typename T, int D>
+// prefetch_next() is called before each token's read in the first pass.
+template <typename T, int D, typename Prefetch>
 __attribute__((target("avx512f,avx512bw"))) void weighted_values(
     const float* p, const TokenWalk<T>& values, int context_len, int group, const float* inv_sum,
-    T* out) {
+    const Prefetch& prefetch_next, T* out) {
   constexpr int kVecs = D / kLanes, kHeads = 16 / kVecs;
   for (int g0 = 0; g0 < group; g0 += kHeads) {
     const int heads = std::min(kHeads, group - g0);
@@ -115,6 +116,7 @@ __attribute__((target("avx512f,avx512bw"))) void weighted_values(
     for (int h = 0; h < kHeads; ++h)
       for (int c = 0; c < kVecs; ++c) acc[h][c] = _mm512_setzero_ps();
     for (int t = 0; t < context_len; ++t) {
+      if (g0 == 0) prefetch_next();
       const T* v = walk.next();
       __m512 vv[kVecs];
       for (int c = 0; c < kVecs; ++c) vv[c] = load16(v + c * kLanes);
