@@ -13,4 +13,10 @@ args=(--format docker --isolation chroot --network host --build-arg "BASE_IMAGE=
 if [ -d "$wheels" ]; then
     args+=(-v "$wheels:/wheels:ro" --build-arg PIP_FIND_LINKS=/wheels)
 fi
-podman build "${args[@]}" -t "$tag" .
+# One retry: podman's layer commit has failed here once mid-stream ("io: read/write on closed
+# pipe" storing a layer) on a build that passes as is; a real Dockerfile error fails twice, and the
+# retry starts from the cached layers.
+if ! podman build "${args[@]}" -t "$tag" .; then
+    echo "podman build failed; retrying once from its layer cache" >&2
+    podman build "${args[@]}" -t "$tag" .
+fi
