@@ -27,9 +27,10 @@ from engine.engine_core import EngineCore
 from engine.engine_info import EngineInfo
 from engine.input_processor import EngineRequest, InputLimits, InputProcessor, RequestError
 from engine.kernels import cpu_ops
+from engine.kv_cache import allocate_kv_cache, fault_in_first_blocks, kv_bytes_per_block
 from engine.layers.attention import get_attention_backend
 from engine.layers.linear import INT8_ACTIVATIONS, has_native_bf16
-from engine.model_runner import ModelRunner, kv_bytes_per_block
+from engine.model_runner import ModelRunner
 from engine.models import model_class
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
@@ -93,6 +94,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device,
                                    config.quantization)
         self.max_model_len = self._max_model_len()
+        early_kv_cache = self._early_kv_cache()
         # The tokenizer (from a tensorized artifact ~0.1 s; else import transformers ~0.8 s, then
         # its files) loads on a thread beside the weights, whose copies and checksums mostly run
         # without the GIL: off the path to ready.
@@ -115,9 +117,8 @@ class LLMEngine:
         shard_model(model, self.tp)
         self.rank_model_config = rank_model_config(self.model_config, self.tp.world_size)
         self.progress.set_phase("kv_cache")
-        self.cache_config = CacheConfig(
-            config.block_size, self._num_blocks(), config.enable_prefix_caching
-        )
+        num_blocks = early_kv_cache.shape[2] if early_kv_cache is not None else self._num_blocks()
+        self.cache_config = CacheConfig(config.block_size, num_blocks, config.enable_prefix_caching)
         self.block_manager = BlockManager(
             self.cache_config.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -135,7 +136,7 @@ class LLMEngine:
             model.eval(), self.rank_model_config, self.cache_config, self.max_model_len,
             self.device, self.dtype,
             get_attention_backend("torch" if is_cpu_pending else backend_name),
-            config.compile_decode, self.tp, config.quantization,
+            config.compile_decode, self.tp, config.quantization, early_kv_cache,
         )
         if is_cpu_pending:
             threading.Thread(target=self._load_cpu_kernels, name="cpu-kernels", daemon=True).start()
@@ -218,8 +219,20 @@ class LLMEngine:
             ids.append(self.tokenizer.eos_token_id)
         return tuple(ids)
 
-    def _num_blocks(self) -> int:
-        per_block = kv_bytes_per_block(self.rank_model_config, self.config.block_size, self.dtype)
+    def _early_kv_cache(self) -> torch.Tensor | None:
+        """On the CPU, on one rank (where its size does not wait for the weights), the KV cache
+        before the weights load, its first blocks faulted in meanwhile (engine/kv_cache.py)."""
+        if self.device.type != "cpu" or self.tp.world_size > 1:
+            return None
+        config = rank_model_config(self.model_config, 1)
+        cache = allocate_kv_cache(config, self._num_blocks(config), self.config.block_size,
+                                  self.dtype, self.device)
+        fault_in_first_blocks(cache)
+        return cache
+
+    def _num_blocks(self, model_config: ModelConfig | None = None) -> int:
+        per_block = kv_bytes_per_block(model_config or self.rank_model_config,
+                                       self.config.block_size, self.dtype)
         if self.config.kv_cache_memory is not None:
             memory = self.config.kv_cache_memory
         elif self.device.type == "cuda":

@@ -7,7 +7,6 @@ attention backend. Tokens are laid out decodes first, then prefill chunks.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from engine.block_manager import cdiv
 from engine.compiled_decode import CompiledDecodeStep, DecodeInputs
 from engine.config import CacheConfig, ModelConfig
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
+from engine.kv_cache import allocate_kv_cache
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.calibration import SmallBatchCalibration
 from engine.layers.greedy_head import GreedyHead, build_greedy_head
@@ -34,16 +34,11 @@ from engine.models import ForwardContext
 from engine.models.decoder_stack import build_decoder_stack
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-from engine.weights.huge_pages import huge_page_zeros, populate
+from engine.weights.huge_pages import populate
 
 logger = logging.getLogger(__name__)
 
 KV_PREFAULT_BYTES = 16 << 20  # faulted in per idle call: a request that comes waits at most this
-
-
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
-    return per_token * block_size * dtype.itemsize
 
 
 @dataclass
@@ -84,40 +79,24 @@ class _PromptRows:
     num_rows: int
 
 
-def zeros_on_first_touch(shape: tuple[int, ...], dtype: torch.dtype,
-                         device: torch.device) -> torch.Tensor:
-    """Zeros that cost nothing up front. On the CPU, anonymous memory: the OS maps in a zeroed
-    page the first time one is written (`torch.zeros` would write all of it at start: ~1 s per
-    GiB on these machines, on the cold-start path), in huge pages where it can. In 4 KiB pages a
-    decode step's cache writes were mostly those first-touch faults: 32 sequences, 30 layers,
-    fresh blocks 2.4-3.2 ms a step against 0.3-0.5 ms once written (Zen 4)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    num_bytes = math.prod(shape) * dtype.itemsize
-    if num_bytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    return huge_page_zeros(num_bytes).view(dtype).view(shape)
-
-
 class ModelRunner:
     def __init__(
         self, model: nn.Module, model_config: ModelConfig, cache_config: CacheConfig,
         max_model_len: int, device: torch.device, dtype: torch.dtype, backend: AttentionBackend,
         compile_decode: bool = False, tp: TensorParallel = SINGLE, quantization: str | None = None,
+        kv_cache: torch.Tensor | None = None,
     ):
-        """`model_config`: this rank's share of the model (its heads) when sharded."""
+        """`model_config`: this rank's share of the model (its heads) when sharded. `kv_cache`:
+        the cache, if allocated already (`allocate_kv_cache`; a CPU load makes it early)."""
         self.model, self.config, self.device, self.backend = model, model_config, device, backend
         self.dtype = dtype
         self.tp = tp
         self.block_size = cache_config.block_size
         self.max_blocks = cdiv(max_model_len, self.block_size)
-        c = model_config
-        # Zeros, not empty: padded positions are masked out of attention, but NaN garbage there
-        # would still poison the weighted sum (0 x NaN = NaN).
-        self.kv_cache = zeros_on_first_touch(  # [layers, k|v, blocks, block_size, kv_heads, dim]
-            (c.num_layers, 2, cache_config.num_blocks, self.block_size, c.num_kv_heads,
-             c.head_dim), dtype, device,
-        )
+        if kv_cache is None:
+            kv_cache = allocate_kv_cache(model_config, cache_config.num_blocks, self.block_size,
+                                         dtype, device)
+        self.kv_cache = kv_cache  # [layers, k|v, blocks, block_size, kv_heads, head_dim]
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.rotary = RotaryEmbedding(model_config, max_model_len, device)
         self.compiled_decode: CompiledDecodeStep | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 from torch import nn
@@ -16,6 +14,7 @@ from engine.layers.linear import (
     pack_linears,
 )
 from engine.weights.huge_pages import ALIGNMENT, huge_page_zeros, move_to_huge_pages, populate
+from tests.residency import resident_bytes
 
 
 def test_copies_are_equal_aligned_and_shared_where_the_inputs_were():
@@ -114,25 +113,13 @@ def test_the_move_waits_for_the_first_step_to_be_out(tiny_model_dirs, monkeypatc
     llm.shutdown()
 
 
-def _resident_bytes(tensor: torch.Tensor) -> int:
-    """How many of `tensor`'s bytes are mapped in (mincore), by 4 KiB page."""
-    page = 4096
-    start = tensor.data_ptr() // page * page
-    num_pages = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size() - start) // page)
-    flags = (ctypes.c_ubyte * num_pages)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    assert libc.mincore(start, num_pages * page, flags) == 0
-    return sum(f & 1 for f in flags) * page
-
-
 def test_populate_maps_pages_in_and_keeps_their_contents():
     memory = huge_page_zeros(8 << 20)
     memory[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)  # written: these pages are in
-    before = _resident_bytes(memory)
+    before = resident_bytes(memory)
     if not populate(memory, 0, 4 << 20):
         pytest.skip("no MADV_POPULATE_WRITE on this kernel")
-    assert _resident_bytes(memory[: 4 << 20]) == 4 << 20 > before
+    assert resident_bytes(memory[: 4 << 20]) == 4 << 20 > before
     assert memory[:4].tolist() == [1, 2, 3, 4] and int(memory[4:].sum()) == 0
 
 
@@ -144,7 +131,7 @@ def test_idle_engine_faults_its_kv_cache_in(tiny_model_dirs):
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     expected = llm.generate([[5, 6, 7]], params)[0].token_ids
     cache_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
-    assert _resident_bytes(runner.kv_cache) < cache_bytes
+    assert resident_bytes(runner.kv_cache) < cache_bytes
     written = runner.kv_cache.clone()
     runner.wait_for_weight_mover()
     calls = 0
@@ -153,7 +140,7 @@ def test_idle_engine_faults_its_kv_cache_in(tiny_model_dirs):
     if runner.kv_prefaulted is None and calls == 0:
         pytest.skip("no MADV_POPULATE_WRITE on this kernel")
     assert calls == -(-cache_bytes // (16 << 20))
-    assert _resident_bytes(runner.kv_cache) == cache_bytes
+    assert resident_bytes(runner.kv_cache) == cache_bytes
     assert torch.equal(runner.kv_cache, written)
     assert not llm.engine.when_idle()  # done: the loop goes back to its long wait
     assert llm.generate([[5, 6, 7]], params)[0].token_ids == expected
