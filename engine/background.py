@@ -20,7 +20,7 @@ from engine.weights.prefetch import prefetch_weights
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
-    from engine.weights.s3_reader import S3ObjectReader
+    from engine.weights.prefetch import FetchedRead, LocalRead
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class LoadState(enum.StrEnum):
 class BackgroundLoader:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self._early_reader: S3ObjectReader | None = None
+        self._early_read: LocalRead | FetchedRead | None = None
         self._has_started_reading = False
         self.progress = LoadProgress()
         self.state = LoadState.IDLE
@@ -58,22 +58,22 @@ class BackgroundLoader:
         takes this read; later calls do nothing). Torch-free."""
         if not self._has_started_reading:
             self._has_started_reading = True
-            self._early_reader = prefetch_weights(self.config.model, self.config.s3_endpoint,
+            self._early_read = prefetch_weights(self.config.model, self.config.s3_endpoint,
                                                   self.config.verify_weights,
                                                   in_memory=self.config.loads_to_cpu)
 
     def abandon_reading(self) -> None:
         """Stop an early read whose load will never come."""
-        if self._early_reader is not None:
-            self._early_reader.close()
-            self._early_reader = None
+        if self._early_read is not None:
+            self._early_read.close()
+            self._early_read = None
 
     def wait(self, timeout: float | None = None) -> bool:
         """True once loading ended, ready or failed."""
         return self._done.wait(timeout)
 
     def _load(self) -> None:
-        early_reader = None
+        early_read = None
         # The load creates millions of objects (torch's and transformers' modules): with the
         # collector on, its full passes over them cost 0.4-0.8 s of a cold start, all holding the
         # GIL. What the imports made is kept for good (frozen: later passes skip it); what the
@@ -84,11 +84,11 @@ class BackgroundLoader:
             # thread, while the bytes arrive and the server answers.
             self.progress.set_phase("imports")
             self.start_reading()
-            early_reader, self._early_reader = self._early_reader, None  # the load's from here
+            early_read, self._early_read = self._early_read, None  # the load's from here
             from engine.llm_engine import LLMEngine
 
             gc.freeze()
-            self.engine = LLMEngine(self.config, self.progress, early_reader)
+            self.engine = LLMEngine(self.config, self.progress, early_read)
             self.info = self.engine.info()
             self.state = LoadState.READY
             snapshot = self.progress.snapshot()
@@ -97,8 +97,8 @@ class BackgroundLoader:
                 snapshot["total_bytes"] / 1e6, snapshot["elapsed_s"], snapshot["throughput_gbps"],
             )
         except BaseException as e:  # noqa: BLE001 - kept and reported by the health check
-            if early_reader is not None:
-                early_reader.close()
+            if early_read is not None:
+                early_read.close()
             self.error = e
             self.state = LoadState.FAILED
             logger.error("model load failed: %s", e)

@@ -58,10 +58,10 @@ def run_engine_process(config: EngineConfig, conn: Connection, log_level: str) -
     # Ctrl-C reaches the whole process group; the server decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The weights are read from the first moment, told to load or not yet (a serverless start's
-    # first request comes at once): the S3 read's setup (boto3's import, its client, the GET:
-    # ~0.3 s) before torch's import rather than beside it, where the two took turns at the GIL
-    # (`make bench-cold-start`, Sapphire Rapids, 4 alternating runs of 3 cold starts each way:
-    # first token median 2.88 -> 2.78 s loading at once, 2.82 -> 2.63 s on the first request).
+    # first request comes at once). A CPU load's read runs in a fetch process of its own, which
+    # takes none of this one's GIL (engine/weights/fetch.py); any other read's setup (boto3's
+    # import, its client, the GET: ~0.3 s) comes before torch's import rather than beside it,
+    # where the two took turns at the GIL and both ended later.
     from engine.background import BackgroundLoader
 
     loader = BackgroundLoader(config)

@@ -70,14 +70,14 @@ def resolve_dtype(requested: str, model_dtype: str, device: torch.device,
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: LoadProgress | None = None,
-                 early_reader: Any = None):
-        """`early_reader`: the weights of an s3:// model, already being read."""
+                 early_read: Any = None):
+        """`early_read`: the weights and side files of an s3:// model, already coming."""
         self.config = config
         torch.manual_seed(config.seed)  # unseeded requests: reproducible from start, as vLLM
         self.progress = progress or LoadProgress()
         self.device = torch.device(config.resolved_device)
         source = open_source(config.model, config.s3_endpoint, config.verify_weights,
-                             early_reader)
+                             early_read)
         self.progress.start(source.total_bytes())
         self.progress.set_phase("config")
         self.model_config = ModelConfig.from_hf(source.hf_config())

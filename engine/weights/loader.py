@@ -25,9 +25,9 @@ def default_model_path() -> Path:
 
 def open_source(
     model: str, s3_endpoint: str | None = None, verify_hash: bool = True,
-    early_reader: Any = None,
+    early_read: Any = None,
 ) -> WeightSource:
-    """`early_reader`: an s3:// model's weights already being read (`prefetch_weights`)."""
+    """`early_read`: an s3:// model's weights and side files already coming (`prefetch.py`)."""
     from engine.weights.gguf import GGUFSource
     from engine.weights.safetensors import SafetensorsSource
 
@@ -37,7 +37,7 @@ def open_source(
         from engine.weights.tensorizer import TensorizerSource
 
         return TensorizerSource(model, s3_endpoint=s3_endpoint, verify_hash=verify_hash,
-                                early_reader=early_reader)
+                                early_read=early_read)
     path = Path(model)
     if path.suffix == ".gguf":
         return GGUFSource(path)

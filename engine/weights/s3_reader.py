@@ -141,7 +141,10 @@ class _Range:
 
 class S3ObjectReader(io.RawIOBase):
     def __init__(self, client: Any, location: S3Location, name: str, size: int,
-                 num_in_flight: int = NUM_IN_FLIGHT, in_memory: bool = False):
+                 num_in_flight: int = NUM_IN_FLIGHT, in_memory: bool = False,
+                 memory: memoryview | None = None):
+        """`memory`: where the bytes land `in_memory`, `size` bytes (a mapping shared with
+        another process, engine/weights/fetch.py); by default a mapping of the reader's own."""
         super().__init__()
         self.client, self.location, self.name, self.size = client, location, name, size
         self.uri = location.uri(name)
@@ -151,7 +154,9 @@ class S3ObjectReader(io.RawIOBase):
         self._ranges: list[_Range] = []  # by start, covering the object
         self._pool = ThreadPoolExecutor(num_in_flight, thread_name_prefix="s3-read")
         # Anonymous memory, its pages made as the bytes land; it lives as long as a view of it.
-        self.memory = memoryview(mmap.mmap(-1, max(size, 1))) if in_memory else None
+        if in_memory and memory is None:
+            memory = memoryview(mmap.mmap(-1, max(size, 1)))
+        self.memory = memory if in_memory else None
         step = RANGE_BYTES or size
         self._is_split = RANGE_BYTES is not None
         for start in range(0, max(size, 1), step):

@@ -22,9 +22,16 @@ from torch import nn
 
 from engine.distributed.sharding import shard_model
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
-from engine.tokenizer import FACTS_FILE, Tokenizer
+from engine.tokenizer import Tokenizer
 from engine.weights.digest import ALGORITHM
-from engine.weights.prefetch import WEIGHTS_FILE
+from engine.weights.fetched_object import FetchedObject
+from engine.weights.prefetch import (
+    MANIFEST_FILE,
+    SIDE_FILES,
+    WEIGHTS_FILE,
+    FetchedRead,
+    LocalRead,
+)
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
 from engine.weights.s3_reader import S3ObjectReader
 from engine.weights.safetensors import load_folder_tokenizer, read_json
@@ -37,12 +44,6 @@ from engine.weights.source import (
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-SIDE_FILES = (
-    "config.json", "generation_config.json", MANIFEST_FILE, "tokenizer.json",
-    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "tokenizer.model", FACTS_FILE,
-)
 NUM_READERS = 4
 
 
@@ -57,9 +58,9 @@ class CorruptWeightsError(WeightsError):
 
 class TensorizerSource(WeightSource):
     def __init__(self, uri: str, s3_endpoint: str | None = None, verify_hash: bool = True,
-                 early_reader: S3ObjectReader | None = None):
+                 early_read: LocalRead | FetchedRead | None = None):
         self.uri = uri.rstrip("/")
-        self.early_reader = early_reader  # the weights, already being read (`prefetch_weights`)
+        self.early_read = early_read  # weights and side files, already coming (`prefetch.py`)
         self.s3_endpoint = s3_endpoint
         self.verify_hash = verify_hash
         self.is_s3 = uri.startswith("s3://")
@@ -87,29 +88,38 @@ class TensorizerSource(WeightSource):
     def _files_dir(self) -> Path:
         """A local folder with config, tokenizer and manifest (downloaded once for S3)."""
         if self._local_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="model-")
-            location = S3Location.parse(self.uri)
-            # The early read's client where there is one: a second costs ~0.1 s of a cold start.
-            early = self.early_reader
-            self._client = early.client if early is not None else s3_client(self.s3_endpoint)
-            download_files(self._client, location, list(SIDE_FILES), Path(self._tmp.name),
-                           required=("config.json",))
+            self._tmp = self.early_read.take_files() if self.early_read is not None else None
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="model-")
+                download_files(self._s3(), S3Location.parse(self.uri), list(SIDE_FILES),
+                               Path(self._tmp.name), required=("config.json",))
             self._local_dir = Path(self._tmp.name)
         return self._local_dir
 
-    def _early_reader(self) -> S3ObjectReader | None:
+    def _s3(self) -> Any:
+        """This source's boto3 client, made when first needed (not at all when the early read
+        brought everything: ~0.2 s of a cold start)."""
+        if self._client is None:
+            early_client = self.early_read.client if self.early_read is not None else None
+            self._client = early_client or s3_client(self.s3_endpoint)
+        return self._client
+
+    def _early_reader(self) -> S3ObjectReader | FetchedObject | None:
         """The prefetched weights, if they are this rank's (prefetch reads `model.tensors`)."""
-        if self.early_reader is not None and self.weights_file != WEIGHTS_FILE:
-            self.early_reader.close()
-            self.early_reader = None
-        return self.early_reader
+        if self.early_read is None:
+            return None
+        reader = self.early_read.reader() if self.weights_file == WEIGHTS_FILE else None
+        if reader is None:
+            self.early_read.close()
+            self.early_read = None
+        return reader
 
     def _s3_weights_bytes(self) -> int:
         if self._weights_bytes is None:
             self._files_dir()
             early = self._early_reader()
             self._weights_bytes = early.size if early is not None else object_size(
-                self._client, S3Location.parse(self.uri), self.weights_file)
+                self._s3(), S3Location.parse(self.uri), self.weights_file)
         return self._weights_bytes
 
     def total_bytes(self) -> int:
@@ -149,8 +159,10 @@ class TensorizerSource(WeightSource):
             file = open(path, "rb")  # noqa: SIM115 - closed by the caller
             return file, path.stat().st_size, NUM_READERS
         size = self._s3_weights_bytes()
-        if self._early_reader() is not None:
-            return self.early_reader, size, 1
+        early = self._early_reader()
+        if early is not None:
+            self.early_read = None  # the read is the deserializer's now, which closes it
+            return early, size, 1
         # boto3 signs each ranged GET (temporary credentials included) and several are in
         # flight at once: one tensorizer reader consumes them in order.
         return self._new_reader(in_memory=device.type == "cpu"), size, 1
@@ -178,7 +190,7 @@ class TensorizerSource(WeightSource):
         # (`S3ObjectReader.hash_object`); else (a file, or an artifact whose manifest predates
         # the digest) tensorizer's per-tensor checksums.
         digest = None
-        if expected is not None and isinstance(stream, S3ObjectReader):
+        if expected is not None and isinstance(stream, S3ObjectReader | FetchedObject):
             digest = stream.digest or stream.hash_object()
         try:
             deserializer = TensorDeserializer(
@@ -250,7 +262,7 @@ class TensorizerSource(WeightSource):
         return None
 
     def _new_reader(self, in_memory: bool = False) -> S3ObjectReader:
-        return S3ObjectReader(self._client, S3Location.parse(self.uri), self.weights_file,
+        return S3ObjectReader(self._s3(), S3Location.parse(self.uri), self.weights_file,
                               self._s3_weights_bytes(), in_memory=in_memory)
 
     def _check_size(self, total_bytes: int) -> None:
@@ -295,12 +307,13 @@ class TensorizerSource(WeightSource):
     def _can_view(stream: Any, deserializer: Any) -> bool:
         """Whether the weights can be views of the read's memory: an S3 read `in_memory`, and
         each tensor's bytes stored whole (not encrypted, not a meta tensor without data)."""
-        return (isinstance(stream, S3ObjectReader) and stream.memory is not None
+        return (isinstance(stream, S3ObjectReader | FetchedObject) and stream.memory is not None
                 and not deserializer._encrypted and all(
                     entry.data_length == entry.deserialized_length
                     for _, entry in _entries(deserializer)))
 
-    def _place_views(self, model: nn.Module, deserializer: Any, stream: S3ObjectReader,
+    def _place_views(self, model: nn.Module, deserializer: Any,
+                     stream: S3ObjectReader | FetchedObject,
                      device: torch.device, dtype: torch.dtype, progress: LoadProgress) -> None:
         """Each weight made over its bytes in the read's memory as soon as they have arrived,
         in the object's order: no copy (on the CPU, in the dtype stored), no tensorizer read.

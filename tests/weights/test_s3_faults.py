@@ -13,6 +13,7 @@ import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.weights import s3_reader
+from engine.weights.prefetch import prefetch_weights
 from engine.weights.s3 import S3AccessDeniedError
 from engine.weights.s3_reader import S3ReadError
 from engine.weights.tensorize import tensorize
@@ -173,3 +174,22 @@ def test_an_early_read_that_cannot_start_leaves_the_load_to_say_why(tiny_on_s3, 
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     status = _status_of_engine_process_load(EngineConfig(model=URI, s3_endpoint=s3_endpoint))
     assert status["status"] == "failed" and "no-such-profile" in status["reason"], status
+
+
+def test_a_fetch_that_dies_mid_read_fails_the_read_naming_where(tiny_on_s3, s3_endpoint):
+    """A CPU load's early read runs in a fetch process (engine/weights/fetch.py): killed with
+    the object half in, a read past that byte fails with the byte and the exit, at once, and
+    the bytes that came are there."""
+    with s3_proxy(s3_endpoint) as (endpoint, control):
+        control.hold_key, control.hold_from_byte = "tiny-faults/model.tensors", 100_000
+        early = prefetch_weights(URI, endpoint, in_memory=True)
+        try:
+            fetched = early.reader()
+            assert control.held.wait(30)
+            early._fetch.kill()
+            with pytest.raises(S3ReadError, match=r"stopped at byte \d+ of .*exited with -9"):
+                fetched.arrived(fetched.size)
+            assert fetched.num_arrived < 100_000 < fetched.size
+        finally:
+            control.release.set()
+            early.close()

@@ -139,16 +139,19 @@ def test_manifest_digests_are_those_of_the_object(tiny_on_s3, s3):
     assert manifest["weights_xxh3_128"] == xxhash.xxh3_128(body).hexdigest()
 
 
-def test_an_early_read_is_hashed_as_it_arrives(tiny_on_s3, s3_endpoint):
-    """The manifest's digest, computed while the bytes arrive, before anything reads them."""
-    reader = prefetch_weights(tiny_on_s3, s3_endpoint)
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_an_early_read_is_hashed_as_it_arrives(tiny_on_s3, s3_endpoint, in_memory):
+    """The manifest's digest, computed while the bytes arrive, before anything reads them: on
+    this process's threads, or (a CPU load, in memory) by the fetch process."""
+    early = prefetch_weights(tiny_on_s3, s3_endpoint, in_memory=in_memory)
     try:
+        reader = early.reader()
         assert eventually(lambda: reader.digest.num_bytes == reader.size, max_s=30)
         assert reader.tell() == 0
         manifest = TensorizerSource(tiny_on_s3, s3_endpoint=s3_endpoint).manifest()
         assert reader.digest.hexdigest() == manifest["weights_xxh3_128"]
     finally:
-        reader.close()
+        early.close()
 
 
 def test_weights_read_out_of_order_are_hashed_again(tiny_on_s3, s3_endpoint):
