@@ -3,9 +3,10 @@
 The artifact: `model.tensors` (this engine's module layout, in the chosen dtype), `config.json`,
 `generation_config.json`, the tokenizer files (chat template included) and `manifest.json`
 (dtype, parameter count, bytes, sha256 and XXH3-128 of the weights: the loader checks the
-latter). With `tensor_parallel_size` N > 1 the
-weights are cut for N ranks instead, one `model-rank-RRR.tensors` each (vLLM's layout), so that
-each rank of a tensor-parallel server reads only its share.
+latter; tensorizer's index of the weights, engine/weights/tensor_index.py). With
+`tensor_parallel_size` N > 1 the weights are cut for N ranks instead, one
+`model-rank-RRR.tensors` each (vLLM's layout), so that each rank of a tensor-parallel server
+reads only its share.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from engine.weights.loader import open_source
 from engine.weights.s3 import S3Location, s3_client, upload_folder
 from engine.weights.safetensors import load_folder_tokenizer
 from engine.weights.source import LoadProgress
+from engine.weights.tensor_index import INDEX_KEY, build_index
 from engine.weights.tensorizer import WEIGHTS_FILE, rank_weights_file, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -106,6 +108,9 @@ def write_artifact(src: str, folder: Path, dtype: str,
         written = _write_weights(model, folder / WEIGHTS_FILE)
         weights = {"weights_bytes": written["bytes"], "weights_sha256": written["sha256"],
                    f"weights_{ALGORITHM}": written[ALGORITHM]}
+        index = build_index(folder / WEIGHTS_FILE, model)
+        if index is not None:
+            weights[INDEX_KEY] = index
     (folder / "config.json").write_text(json.dumps(_clean_config(hf_config, dtype), indent=2))
     generation = source.generation_config() or {
         k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config

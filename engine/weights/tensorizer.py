@@ -23,6 +23,7 @@ from torch import nn
 from engine.distributed.sharding import shard_model
 from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.tokenizer import Tokenizer
+from engine.weights import tensor_index
 from engine.weights.digest import ALGORITHM
 from engine.weights.fetched_object import FetchedObject
 from engine.weights.prefetch import (
@@ -41,6 +42,7 @@ from engine.weights.source import (
     WeightsError,
     WeightSource,
 )
+from engine.weights.tensor_index import INDEX_KEY, index_end
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class TensorizerSource(WeightSource):
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._client: Any = None
         self._weights_bytes: int | None = None
+        self._manifest: dict[str, Any] | None = None
         self.tp = SINGLE  # the engine's rank (rank 0, the driver, until told otherwise)
 
     def use_rank(self, tp: TensorParallel) -> None:
@@ -136,8 +139,12 @@ class TensorizerSource(WeightSource):
         return read_json(path) if path.exists() else {}
 
     def manifest(self) -> dict[str, Any]:
-        path = self._files_dir() / MANIFEST_FILE
-        return read_json(path) if path.exists() else {}
+        """Read once: a load asks for it ~8 times, and each file read lets go of the GIL and
+        waits up to a switch interval (5 ms) to get it back from the tokenizer's thread."""
+        if self._manifest is None:
+            path = self._files_dir() / MANIFEST_FILE
+            self._manifest = read_json(path) if path.exists() else {}
+        return self._manifest
 
     def load_tokenizer(self) -> Any | None:
         return load_folder_tokenizer(self._files_dir())
@@ -171,9 +178,6 @@ class TensorizerSource(WeightSource):
         self, model_cls: type[nn.Module], config: Any, device: torch.device, dtype: torch.dtype,
         progress: LoadProgress,
     ) -> nn.Module:
-        from tensorizer import TensorDeserializer
-        from tensorizer.serialization import HashMismatchError
-
         num_ranks = self.num_artifact_ranks()
         if num_ranks > 1 and num_ranks != self.tp.world_size:
             raise ConfigMismatchError(
@@ -192,13 +196,34 @@ class TensorizerSource(WeightSource):
         digest = None
         if expected is not None and isinstance(stream, S3ObjectReader | FetchedObject):
             digest = stream.digest or stream.hash_object()
+        # Views skip tensorizer's reads, and with them its per-tensor checksums.
+        is_checked_elsewhere = digest is not None or not self.verify_hash
+        index = self.manifest().get(INDEX_KEY) if num_ranks == 1 else None
+        if is_checked_elsewhere and index is not None and self._can_view(stream):
+            try:
+                self._place_indexed_views(model, index, stream, device, dtype, progress)
+                if digest is not None:
+                    stream.read_to_end()  # past the last tensor too: all of it hashed
+                    self._check_digest(digest.hexdigest(), expected)
+            finally:
+                stream.close()
+            return model
+        return self._load_with_tensorizer(model, stream, num_readers, device, dtype, progress,
+                                          digest, expected)
+
+    def _load_with_tensorizer(
+        self, model: nn.Module, stream: Any, num_readers: int, device: torch.device,
+        dtype: torch.dtype, progress: LoadProgress, digest: Any, expected: str | None,
+    ) -> nn.Module:
+        from tensorizer import TensorDeserializer
+        from tensorizer.serialization import HashMismatchError
+
         try:
             deserializer = TensorDeserializer(
                 stream, device=device, dtype=dtype, lazy_load=True, num_readers=num_readers,
                 verify_hash=self.verify_hash and digest is None,
             )
             with deserializer:  # which closes the stream
-                # Views skip tensorizer's reads, and with them its per-tensor checksums.
                 is_checked_elsewhere = digest is not None or not self.verify_hash
                 if is_checked_elsewhere and self._can_view(stream, deserializer):
                     self._place_views(model, deserializer, stream, device, dtype, progress)
@@ -304,13 +329,35 @@ class TensorizerSource(WeightSource):
             progress.set_loaded(deserializer.total_bytes_read)
 
     @staticmethod
-    def _can_view(stream: Any, deserializer: Any) -> bool:
+    def _can_view(stream: Any, deserializer: Any = None) -> bool:
         """Whether the weights can be views of the read's memory: an S3 read `in_memory`, and
-        each tensor's bytes stored whole (not encrypted, not a meta tensor without data)."""
+        (if tensorizer reads the index) each tensor's bytes stored whole (not encrypted, not a
+        meta tensor without data)."""
         return (isinstance(stream, S3ObjectReader | FetchedObject) and stream.memory is not None
-                and not deserializer._encrypted and all(
+                and (deserializer is None or not deserializer._encrypted and all(
                     entry.data_length == entry.deserialized_length
-                    for _, entry in _entries(deserializer)))
+                    for _, entry in _entries(deserializer))))
+
+    def _place_indexed_views(self, model: nn.Module, index: dict[str, list[Any]],
+                             stream: S3ObjectReader | FetchedObject, device: torch.device,
+                             dtype: torch.dtype, progress: LoadProgress) -> None:
+        """`_place_views` by the manifest's index: no tensorizer import."""
+        if index_end(index) > stream.size:
+            raise CorruptWeightsError(
+                f"{self.uri}/{self.weights_file}: the manifest's index reaches byte "
+                f"{index_end(index)}, the file has {stream.size} (truncated or replaced)")
+        entries = sorted(index.items(), key=lambda item: item[1][2])  # by offset
+        self._check_names(model, {name: tuple(entry[1]) for name, entry in entries})
+        for name, entry in entries:
+            end = entry[2] + entry[3]
+            try:
+                tensor = tensor_index.view(stream.arrived(end), entry)
+            except (ValueError, TypeError, AttributeError) as e:  # an index that lies
+                raise CorruptWeightsError(
+                    f"{self.uri}/{self.weights_file}: the manifest's index of {name!r} does "
+                    f"not fit ({e})") from e
+            self._set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            progress.set_loaded(end)
 
     def _place_views(self, model: nn.Module, deserializer: Any,
                      stream: S3ObjectReader | FetchedObject,

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import xxhash
 
 from engine import LLM, SamplingParams
+from engine.config import ModelConfig
+from engine.models import model_class
 from engine.tokenizer import FACTS_FILE
-from engine.weights import ConfigMismatchError, WeightsError
+from engine.weights import ConfigMismatchError, LoadProgress, WeightsError
 from engine.weights.prefetch import prefetch_weights
 from engine.weights.s3 import S3AccessDeniedError, S3NotFoundError, S3UnreachableError
 from engine.weights.safetensors import load_folder_tokenizer
+from engine.weights.tensor_index import INDEX_KEY
 from engine.weights.tensorize import tensorize
 from engine.weights.tensorizer import CorruptWeightsError, TensorizerSource
 from tests.polling import eventually
-from tests.s3_server import set_auth_enforced
+from tests.s3_server import CREDENTIALS, set_auth_enforced
 from tests.tiny_models import hf_greedy, random_prompts
 
 PROMPTS = random_prompts(8, 1, 60, seed=21)
@@ -209,3 +216,57 @@ def test_tensorize_command_line(tiny_llama_dir, tmp_path):
         [sys.executable, "-m", "engine.weights", "tensorize", str(tmp_path / "nope"),
          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "nope" in missing.stderr
+
+
+def _loaded(uri: str, endpoint: str) -> dict[str, torch.Tensor]:
+    source = TensorizerSource(uri, s3_endpoint=endpoint)
+    config = ModelConfig.from_hf(source.hf_config())
+    model = source.load_model(model_class(config), config, torch.device("cpu"), torch.float32,
+                              LoadProgress())
+    return dict(model.named_parameters())
+
+
+def test_the_manifest_index_places_what_tensorizer_places(tiny_llama_dir, tiny_on_s3, s3,
+                                                          s3_endpoint):
+    """A CPU load views each weight where the manifest's index (written by `tensorize` from
+    tensorizer's own) says; an artifact without the index (tensorized before) loads through
+    tensorizer: the same weights, the same tokens."""
+    manifest = json.loads(
+        s3.get_object(Bucket="models", Key="tiny-llama/manifest.json")["Body"].read())
+    by_index = _loaded(tiny_on_s3, s3_endpoint)
+    assert set(manifest[INDEX_KEY]) == set(by_index)
+    del manifest[INDEX_KEY]
+    uri = _copy_prefix(s3, "tiny-llama", "no-index",
+                       **{"manifest.json": json.dumps(manifest).encode()})
+    by_tensorizer = _loaded(uri, s3_endpoint)
+    assert by_index.keys() == by_tensorizer.keys()
+    for name, weight in by_index.items():
+        assert torch.equal(weight, by_tensorizer[name]), name
+    llm = LLM(uri, s3_endpoint=s3_endpoint)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == _expected(tiny_llama_dir)
+
+
+def test_a_load_by_the_index_imports_no_tensorizer(tiny_llama_dir, tiny_on_s3, s3_endpoint):
+    """tensorizer's import (boto3, redis, psutil: ~0.3 s of a cold start) is not on a CPU
+    load's path when the manifest has the index."""
+    script = (
+        "import sys; from engine import LLM, SamplingParams; "
+        f"llm = LLM({tiny_on_s3!r}, s3_endpoint={s3_endpoint!r}); "
+        "out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10)); "
+        "print('tensorizer' in sys.modules, out[0].token_ids)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **CREDENTIALS})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split(maxsplit=1) == ["False", str(hf_greedy(tiny_llama_dir, [5, 6, 7],
+                                                                     10)) + "\n"]
+
+
+def test_an_index_that_does_not_fit_the_weights_is_named(tiny_on_s3, s3, s3_endpoint):
+    manifest = json.loads(
+        s3.get_object(Bucket="models", Key="tiny-llama/manifest.json")["Body"].read())
+    entry = manifest[INDEX_KEY]["lm_head.weight"]
+    entry[3] -= 4  # a length short of the shape
+    uri = _copy_prefix(s3, "tiny-llama", "lying-index",
+                       **{"manifest.json": json.dumps(manifest).encode()})
+    error = _load_error(uri, s3_endpoint)
+    assert isinstance(error, CorruptWeightsError) and "lm_head.weight" in str(error)
