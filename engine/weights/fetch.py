@@ -9,7 +9,8 @@ import, then a GIL hand-over for every socket read, which stretched a 0.3 s read
 1.1 s. Here the read has the other core and a GIL of its own: boto3 signs (the whole credential
 chain, SageMaker's container credentials included), `S3ObjectReader` reads (ranges, resumes) and
 hashes, and the bytes land in the memory file N that the engine's process maps too. The side
-files come into FILES_DIR meanwhile.
+files come into FILES_DIR meanwhile. With the engine's process gone (its end of stdout closed),
+it stops at its next line.
 
 Its stdout, one JSON object a line: `{"size": S}` once the object is found and the file sized to
 it; `{"arrived": END}` as bytes [0, END) are in; `{"files": true}` once the side files are in
@@ -61,7 +62,8 @@ def fetch(model: str, files_dir: Path, fd: int, endpoint: str | None, is_hashed:
     digest = reader.hash_object() if is_hashed else None
     reader.start()
     _say(size=size)
-    files = threading.Thread(target=_download_files, args=(client, location, files_dir))
+    files = threading.Thread(target=_download_files, args=(client, location, files_dir),
+                             daemon=True)
     files.start()
     for end in range(ARRIVED_STEP, size + ARRIVED_STEP, ARRIVED_STEP):
         reader.arrived(min(end, size))
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         fetch(args.model, args.files_dir, args.fd, args.endpoint, args.hash)
+    except BrokenPipeError:  # the engine's process is gone: stop reading for nobody
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet at exit
+        return 1
     except Exception as e:  # noqa: BLE001 - said to the engine, whose load says it again
         _say(error=f"{type(e).__name__}: {e}")
         return 1

@@ -6,6 +6,9 @@ a corrupted weights file fails the load, and /ping says which file and which ten
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import boto3
 import httpx
@@ -193,3 +196,26 @@ def test_a_fetch_that_dies_mid_read_fails_the_read_naming_where(tiny_on_s3, s3_e
         finally:
             control.release.set()
             early.close()
+
+
+def test_a_fetch_whose_engine_is_gone_stops(tiny_on_s3, s3_endpoint, tmp_path):
+    """The fetch process stops reading once nobody reads its lines (the engine's process died
+    mid-load): at its next line, quietly."""
+    fd = os.memfd_create("test-weights")
+    with s3_proxy(s3_endpoint) as (endpoint, control):
+        control.hold_key, control.hold_from_byte = "tiny-faults/model.tensors", 100_000
+        fetch = subprocess.Popen(
+            [sys.executable, "-m", "engine.weights.fetch", URI, str(tmp_path), "--fd", str(fd),
+             "--endpoint", endpoint], pass_fds=(fd,), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        try:
+            assert json.loads(fetch.stdout.readline())["size"] > 100_000
+            assert control.held.wait(30)
+            fetch.stdout.close()  # the engine's end of the pipe, gone
+            control.release.set()
+            assert fetch.wait(30) == 1
+            assert "Traceback" not in fetch.stderr.read()
+        finally:
+            control.release.set()
+            fetch.kill()
+            os.close(fd)
