@@ -135,8 +135,4 @@ class InputProcessor:
 
 
 def _max_chars_per_token(tokenizer: Tokenizer | None) -> int:
-    if tokenizer is None:
-        return 1
-    vocab = tokenizer.get_vocab()
-    longest = max((len(piece) for piece in vocab), default=1)
-    return max(longest, 1)
+    return tokenizer.max_token_chars() if tokenizer is not None else 1

@@ -137,3 +137,18 @@ def test_preload_loads_transformers_tokenizer_once(artifact):
     eventually(lambda: tokenizer.is_hf_loaded, max_s=60)
     tokenizer.preload()
     assert tokenizer.hf_tokenizer is not None and calls == [1]
+
+
+def test_the_longest_token_comes_with_the_facts_or_from_the_vocabulary(artifact, tmp_path):
+    """The input limits' longest token (characters): written with the facts; facts written
+    before it carried it are read the same, the length then taken from the vocabulary."""
+    expected = max(len(piece) for piece in load_folder_tokenizer(artifact).get_vocab())
+    assert json.loads((artifact / FACTS_FILE).read_text())["max_token_chars"] == expected
+    assert _from_facts(artifact).max_token_chars() == expected
+    facts = json.loads((artifact / FACTS_FILE).read_text())
+    del facts["max_token_chars"]
+    older = tmp_path / "older"
+    shutil.copytree(artifact, older)
+    (older / FACTS_FILE).write_text(json.dumps(facts))
+    tokenizer = _from_facts(older)
+    assert tokenizer.facts.max_token_chars is None and tokenizer.max_token_chars() == expected
