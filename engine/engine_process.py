@@ -51,9 +51,14 @@ class Channel:
             self.conn.send((kind, payload))
 
 
-def run_engine_process(config: EngineConfig, conn: Connection, log_level: str) -> None:
-    """The process's entry: load, report, then step until told to stop or the server is gone."""
-    logging.basicConfig(level=log_level.upper(),
+def run_engine_process(config: EngineConfig, conn: Connection, log_level: str,
+                       server_end: Connection | None = None) -> None:
+    """The process's entry: load, report, then step until told to stop or the server is gone.
+    `server_end`: the server's end of the pipe, which a forked child holds a copy of."""
+    if server_end is not None:
+        server_end.close()
+    # `force`: a forked child has the server's handler, without the tag.
+    logging.basicConfig(level=log_level.upper(), force=True,
                         format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     # Ctrl-C reaches the whole process group; the server decides when the engine stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -136,7 +136,7 @@ def test_the_engine_exits_when_the_server_is_killed(tiny_llama_dir):
     )
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", server)
-        (engine_pid,) = [pid for pid in _children(server.pid) if b"spawn_main" in _cmdline(pid)]
+        (engine_pid,) = _engines(server.pid)
         server.kill()
         server.wait(10)
         _wait_for(lambda: not _is_alive(engine_pid))
@@ -157,11 +157,8 @@ def _start_lazy_server(model: str) -> tuple[subprocess.Popen, str]:
 
 
 def _engine_pid(server_pid: int) -> int:
-    def engines() -> list[int]:
-        return [pid for pid in _children(server_pid) if b"spawn_main" in _cmdline(pid)]
-
-    _wait_for(engines)
-    return engines()[0]
+    _wait_for(lambda: _engines(server_pid))
+    return _engines(server_pid)[0]
 
 
 def test_lazy_mode_starts_the_engine_process_and_loads_on_the_first_request(
@@ -209,6 +206,14 @@ def _cmdline(pid: int) -> bytes:
         return f.read()
 
 
+def _engines(server_pid: int) -> list[int]:
+    """The server's engine process: forked (the server's own command line, as `python -m
+    handler` starts it) or spawned (`spawn_main`)."""
+    own = _cmdline(server_pid)
+    return [pid for pid in _children(server_pid)
+            if b"spawn_main" in _cmdline(pid) or _cmdline(pid) == own]
+
+
 def _is_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -238,3 +243,17 @@ def test_ping_tells_the_engines_load_as_it_goes():
     assert phases == sorted(phases)  # never backwards
     loaded = [a.json()["loaded_bytes"] for a in loading]
     assert loaded == sorted(loaded)
+
+
+@pytest.mark.parametrize(("setup", "expected"), [
+    ("", "fork"),  # the server's start: nothing but its own modules imported
+    ("import torch", "spawn"),  # OpenMP's pool: a fork's copy of it would hang
+    ("import threading, time; threading.Thread(target=time.sleep, args=(30,), daemon=True)"
+     ".start()", "spawn"),
+])
+def test_the_engine_process_is_forked_only_from_a_process_without_threads(setup, expected):
+    script = (f"{setup}\nimport handler.settings\nfrom engine.process_client import "
+              "_start_method\nprint(_start_method())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == expected

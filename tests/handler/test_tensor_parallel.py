@@ -28,7 +28,11 @@ def _is_alive(process: psutil.Process) -> bool:
 
 
 def _spawned(process: psutil.Process) -> list[psutil.Process]:
-    return [p for p in process.children() if "spawn_main" in " ".join(p.cmdline())]
+    """Its children started by multiprocessing: spawned (`spawn_main`), or forked (the server
+    forks its engine's process: the same command line)."""
+    own = process.cmdline()
+    return [p for p in process.children()
+            if "spawn_main" in " ".join(p.cmdline()) or p.cmdline() == own]
 
 
 def _engine_and_workers(pid: int) -> tuple[psutil.Process, list[psutil.Process]]:
