@@ -224,9 +224,8 @@ class LLMEngine:
         before the weights load, its first blocks faulted in meanwhile (engine/kv_cache.py)."""
         if self.device.type != "cpu" or self.tp.world_size > 1:
             return None
-        config = rank_model_config(self.model_config, 1)
-        cache = allocate_kv_cache(config, self._num_blocks(config), self.config.block_size,
-                                  self.dtype, self.device)
+        cache = allocate_kv_cache(self.model_config, self._num_blocks(self.model_config),
+                                  self.config.block_size, self.dtype, self.device)
         fault_in_first_blocks(cache)
         return cache
 

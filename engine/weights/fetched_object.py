@@ -4,12 +4,10 @@ this process maps: what the loader takes from an in-memory `S3ObjectReader` (`me
 
 from __future__ import annotations
 
-import io
 import mmap
 import threading
-from typing import Any
 
-from engine.weights.s3_reader import S3ReadError
+from engine.weights.s3_reader import ArrivingObject, S3ReadError
 
 
 class FetchedDigest:
@@ -27,7 +25,7 @@ class FetchedDigest:
         return self._fetched.digest_hex
 
 
-class FetchedObject(io.RawIOBase):
+class FetchedObject(ArrivingObject):
     def __init__(self, uri: str, name: str, size: int, fd: int, is_hashed: bool):
         super().__init__()
         self.uri, self.name, self.size = uri, name, size
@@ -35,7 +33,6 @@ class FetchedObject(io.RawIOBase):
         self.digest = FetchedDigest(self) if is_hashed else None
         self.digest_hex: str | None = None
         self.num_arrived = 0
-        self._pos = 0
         self._error: str | None = None
         self._has_ended = False
         self._changed = threading.Condition()
@@ -80,24 +77,3 @@ class FetchedObject(io.RawIOBase):
 
     def hash_object(self) -> FetchedDigest | None:
         return self.digest
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        num_done = max(0, min(len(view), self.size - self._pos))
-        view[:num_done] = self.arrived(self._pos + num_done)[self._pos :]
-        self._pos += num_done
-        return num_done

@@ -139,7 +139,45 @@ class _Range:
             self.cond.notify_all()
 
 
-class S3ObjectReader(io.RawIOBase):
+class ArrivingObject(io.RawIOBase):
+    """A read-only file over an object whose bytes arrive while it is read: what the loader
+    takes from `S3ObjectReader` and `FetchedObject` (engine/weights/fetched_object.py). Each
+    has `size`, `uri`, `digest`, `memory` (the whole object's bytes, or None) and `arrived(end)`
+    (the bytes [0, end) in `memory`, once they have come); the reads below go through it."""
+
+    size: int
+    memory: memoryview | None
+
+    def __init__(self):
+        super().__init__()
+        self._pos = 0
+
+    def arrived(self, end: int) -> memoryview:
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        num_done = max(0, min(len(view), self.size - self._pos))
+        view[:num_done] = self.arrived(self._pos + num_done)[self._pos :]
+        self._pos += num_done
+        return num_done
+
+
+class S3ObjectReader(ArrivingObject):
     def __init__(self, client: Any, location: S3Location, name: str, size: int,
                  num_in_flight: int = NUM_IN_FLIGHT, in_memory: bool = False,
                  memory: memoryview | None = None):
@@ -150,7 +188,6 @@ class S3ObjectReader(io.RawIOBase):
         self.uri = location.uri(name)
         self.num_in_flight = num_in_flight
         self.num_resumes = 0
-        self._pos = 0
         self._ranges: list[_Range] = []  # by start, covering the object
         self._pool = ThreadPoolExecutor(num_in_flight, thread_name_prefix="s3-read")
         # Anonymous memory, its pages made as the bytes land; it lives as long as a view of it.
@@ -181,27 +218,10 @@ class S3ObjectReader(io.RawIOBase):
 
     # -- io.RawIOBase -----------------------------------------------------------------------------
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
         if self.memory is not None:
-            num_done = max(0, min(len(view), self.size - self._pos))
-            view[:num_done] = self.arrived(self._pos + num_done)[self._pos :]
-            self._pos += num_done
-            return num_done
+            return super().readinto(buffer)
+        view = memoryview(buffer).cast("B")
         num_done = 0
         while num_done < len(view) and self._pos < self.size:
             part = self._range_at(self._pos)

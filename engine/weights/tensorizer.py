@@ -25,7 +25,6 @@ from engine.distributed.tensor_parallel import SINGLE, TensorParallel
 from engine.tokenizer import Tokenizer
 from engine.weights import tensor_index
 from engine.weights.digest import ALGORITHM
-from engine.weights.fetched_object import FetchedObject
 from engine.weights.prefetch import (
     MANIFEST_FILE,
     SIDE_FILES,
@@ -34,7 +33,7 @@ from engine.weights.prefetch import (
     LocalRead,
 )
 from engine.weights.s3 import S3Location, download_files, object_size, s3_client
-from engine.weights.s3_reader import S3ObjectReader
+from engine.weights.s3_reader import ArrivingObject, S3ObjectReader
 from engine.weights.safetensors import load_folder_tokenizer, read_json
 from engine.weights.source import (
     ConfigMismatchError,
@@ -107,7 +106,7 @@ class TensorizerSource(WeightSource):
             self._client = early_client or s3_client(self.s3_endpoint)
         return self._client
 
-    def _early_reader(self) -> S3ObjectReader | FetchedObject | None:
+    def _early_reader(self) -> ArrivingObject | None:
         """The prefetched weights, if they are this rank's (prefetch reads `model.tensors`)."""
         if self.early_read is None:
             return None
@@ -194,7 +193,7 @@ class TensorizerSource(WeightSource):
         # (`S3ObjectReader.hash_object`); else (a file, or an artifact whose manifest predates
         # the digest) tensorizer's per-tensor checksums.
         digest = None
-        if expected is not None and isinstance(stream, S3ObjectReader | FetchedObject):
+        if expected is not None and isinstance(stream, ArrivingObject):
             digest = stream.digest or stream.hash_object()
         # Views skip tensorizer's reads, and with them its per-tensor checksums.
         is_checked_elsewhere = digest is not None or not self.verify_hash
@@ -333,13 +332,13 @@ class TensorizerSource(WeightSource):
         """Whether the weights can be views of the read's memory: an S3 read `in_memory`, and
         (if tensorizer reads the index) each tensor's bytes stored whole (not encrypted, not a
         meta tensor without data)."""
-        return (isinstance(stream, S3ObjectReader | FetchedObject) and stream.memory is not None
+        return (isinstance(stream, ArrivingObject) and stream.memory is not None
                 and (deserializer is None or not deserializer._encrypted and all(
                     entry.data_length == entry.deserialized_length
                     for _, entry in _entries(deserializer))))
 
     def _place_indexed_views(self, model: nn.Module, index: dict[str, list[Any]],
-                             stream: S3ObjectReader | FetchedObject, device: torch.device,
+                             stream: ArrivingObject, device: torch.device,
                              dtype: torch.dtype, progress: LoadProgress) -> None:
         """`_place_views` by the manifest's index: no tensorizer import."""
         if index_end(index) > stream.size:
@@ -360,7 +359,7 @@ class TensorizerSource(WeightSource):
             progress.set_loaded(end)
 
     def _place_views(self, model: nn.Module, deserializer: Any,
-                     stream: S3ObjectReader | FetchedObject,
+                     stream: ArrivingObject,
                      device: torch.device, dtype: torch.dtype, progress: LoadProgress) -> None:
         """Each weight made over its bytes in the read's memory as soon as they have arrived,
         in the object's order: no copy (on the CPU, in the dtype stored), no tensorizer read.
